@@ -1,0 +1,140 @@
+"""Pieces shared by the encoder and the predictor: sin-cos positions, attention, blocks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The official code calls `trunc_normal_(std=0.02)` with its default bounds a=-2, b=2, which are
+# absolute values, i.e. +-100 std: effectively an untruncated N(0, 0.02^2). JAX's bounds are in
+# units of std, so we widen them to match rather than get the 0.88x std of a +-2 std truncation.
+INIT = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+
+def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+  """[sin(pos * omega), cos(pos * omega)] with omega_k = 1 / 10000^(k / (dim/2)).
+
+  Args:
+    dim: even embedding width.
+    pos: positions, any shape; flattened.
+  Returns:
+    float32 [pos.size, dim].
+  """
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1).astype(np.float32)
+
+
+def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
+  """The official fixed 2D sin-cos table, rows in raster order.
+
+  The first half of the channels encodes the column (x) and the second half the row (y):
+  the official code builds `meshgrid(w_coords, h_coords)` and encodes grid[0] first. Swapping
+  the halves silently breaks imported checkpoints, so tests pin hand-computed entries.
+
+  Returns:
+    float32 [h * w, dim].
+  """
+  if dim % 4:
+    raise ValueError(f'sin-cos width must be divisible by 4, got {dim}.')
+  cols, rows = np.meshgrid(np.arange(w), np.arange(h))  # each [h, w]
+  return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+
+def gelu_fn(kind: str):
+  # Flax/JAX default to the tanh approximation; the official ViTs use the exact erf form.
+  if kind == 'exact':
+    return functools.partial(jax.nn.gelu, approximate=False)
+  if kind == 'tanh':
+    return functools.partial(jax.nn.gelu, approximate=True)
+  raise ValueError(f"gelu must be 'exact' or 'tanh', got {kind!r}.")
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a qkv Dense laid out as the official `attn.qkv`."""
+
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, key_mask=None):
+    """x: [B, N, D]; key_mask: optional bool [B, N], False = padding never attended to."""
+    b, n, d = x.shape
+    hd = d // self.num_heads
+    qkv = nn.Dense(3 * d, kernel_init=INIT, dtype=self.dtype, name='qkv')(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)  # each [B, N, H, hd]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * (hd**-0.5), k).astype(jnp.float32)
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, d)
+    return nn.Dense(d, kernel_init=INIT, dtype=self.dtype, name='proj')(out)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block, shaped as an `nn.scan` body: returns (x, x or None)."""
+
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  gelu: str = 'exact'
+  collect: bool = False  # Also emit the block output (K-average targets, last-4 features).
+
+  @nn.compact
+  def __call__(self, x, key_mask=None):
+    d = x.shape[-1]
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
+    x = x + Attention(self.num_heads, dtype=self.dtype, name='attn')(y, key_mask)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
+    y = nn.Dense(self.mlp_dim, kernel_init=INIT, dtype=self.dtype, name='fc1')(y)
+    y = nn.Dense(d, kernel_init=INIT, dtype=self.dtype, name='fc2')(gelu_fn(self.gelu)(y))
+    x = x + y
+    return x, (x if self.collect else None)
+
+
+class BlockStack(nn.Module):
+  """`depth` Blocks, scanned (params stacked on a leading axis) or unrolled.
+
+  Scanning keeps compile time flat in depth (ViT-H/G); unrolled keeps one param subtree per
+  block. Both compute the same function.
+  """
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  gelu: str = 'exact'
+  remat: bool = False
+  scan: bool = True
+  collect: bool = False
+
+  @nn.compact
+  def __call__(self, x, key_mask=None):
+    """x: [B, N, D] -> ([B, N, D], per-block outputs [depth, B, N, D] or None)."""
+    block_cls = nn.remat(Block, prevent_cse=not self.scan) if self.remat else Block
+    kw = dict(
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dtype=self.dtype,
+      gelu=self.gelu,
+      collect=self.collect,
+    )
+    if self.scan:
+      stack = nn.scan(
+        block_cls,
+        variable_axes={'params': 0},
+        split_rngs={'params': True},
+        in_axes=nn.broadcast,
+        length=self.depth,
+      )
+      return stack(**kw, name='layers')(x, key_mask)
+    outs = []
+    for i in range(self.depth):
+      x, y = block_cls(**kw, name=f'layers_{i}')(x, key_mask)
+      outs.append(y)
+    return x, (jnp.stack(outs) if self.collect else None)

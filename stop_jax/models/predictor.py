@@ -1,0 +1,147 @@
+"""The I-JEPA predictor with stochastic positional embeddings (StoP).
+
+The StoP lines are in `Predictor.__call__` under "StoP". The tied matrix A is the predictor's
+input Dense `predictor_embed` (d_e -> d_p, with bias b): it projects the context tokens and the
+Gaussian noise of the masked tokens, so it cannot shrink to kill the noise without also killing
+the context (paper Sec. 3, Eq. 6):
+
+    c_i = A s_i + b + psi_i                   (context)
+    m_j = A n_j + b + psi_j,  n_j ~ N(0, sigma^2 I_{d_e})   (masked, mode='masked')
+
+b plays the role of the shared mask token m~, as in the official StoP code (which creates a mask
+token but never adds it). sigma is a standard deviation, as in the official code.
+
+Modes (config `stop.mode`), the paper's ablations:
+  masked     noise on masked tokens only, through the tied A (the default, the method);
+  off        I-JEPA: m_j = psi_j + m~ with a learned mask token, no noise;
+  context    noise on context tokens only: c_i = A (s_i + n_i) + b + psi_i; m_j as in `off`;
+  both       noise on context and masked tokens, both through A;
+  fixed_cov  no tying: m_j = psi_j + m~ + e_j, e_j ~ N(0, sigma^2 I_{d_p}) drawn at d_p;
+  untied     A' separate from A: m_j = A' n_j + psi_j + m~ (the collapse the paper warns about).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from stop_jax.models.layers import INIT, BlockStack, sincos_2d
+
+NOISE_ON_MASKED = ('masked', 'both', 'untied', 'fixed_cov')
+NOISE_ON_CONTEXT = ('context', 'both')
+
+
+class Predictor(nn.Module):
+  """Predicts target-block features from context features, one sequence per target block."""
+
+  grid: tuple[int, int]  # (h, w) patch grid of the image.
+  encoder_width: int  # d_e
+  width: int = 384  # d_p
+  depth: int = 6
+  num_heads: int = 12
+  mlp_dim: int = 1536
+  stop_mode: str = 'masked'
+  sigma: float = 0.25
+  pos_embed: str = 'sincos'  # sincos (fixed) | learned
+  dtype: Any = jnp.float32
+  gelu: str = 'exact'
+  remat: bool = False
+  scan_blocks: bool = True
+
+  @nn.compact
+  def __call__(
+    self, ctx, ctx_idx, tgt_idx, ctx_valid=None, tgt_valid=None, deterministic: bool = False
+  ):
+    """Runs the predictor.
+
+    Args:
+      ctx: [B, Kc, d_e] context-encoder outputs.
+      ctx_idx: int [B, Kc] raster indices of the context tokens.
+      tgt_idx: int [n, B, Kt] raster indices of each target block's tokens.
+      ctx_valid, tgt_valid: optional bool masks of the same shapes as the indices; False slots
+        are padding: never attended to (their own outputs are meaningless and must be ignored).
+      deterministic: draw no noise (inference tools; the official code draws it in eval too).
+        Requires no 'stop' rng.
+    Returns:
+      [n, B, Kt, d_e] predictions of the target features.
+    """
+    n, b, kt = tgt_idx.shape
+    kc = ctx.shape[1]
+    mode = self.stop_mode
+    noisy = not deterministic and self.sigma > 0 and mode != 'off'
+    h, w = self.grid
+    if self.pos_embed == 'learned':
+      pos = self.param('predictor_pos_embed', INIT, (h * w, self.width))
+    else:
+      pos = jnp.asarray(sincos_2d(h, w, self.width))  # [N, d_p], fixed
+    psi_ctx = jnp.take(pos, ctx_idx, axis=0).astype(self.dtype)  # [B, Kc, d_p]
+    psi_tgt = jnp.take(pos, tgt_idx, axis=0).astype(self.dtype)  # [n, B, Kt, d_p]
+
+    # ---- StoP -------------------------------------------------------------------------------
+    embed_a = nn.Dense(self.width, kernel_init=INIT, dtype=self.dtype, name='predictor_embed')
+    if noisy and mode in NOISE_ON_CONTEXT:
+      ctx = ctx + self.sigma * jax.random.normal(self.make_rng('stop'), ctx.shape, ctx.dtype)
+    c = embed_a(ctx) + psi_ctx  # [B, Kc, d_p]  c_i = A s_i + b + psi_i
+
+    if mode in ('masked', 'both'):
+      noise = self._noise((n, b, kt, self.encoder_width), noisy)  # n_j, [n, B, Kt, d_e]
+      m = embed_a(noise) + psi_tgt  # m_j = A n_j + b + psi_j
+      a_noise = m - psi_tgt - embed_a.variables['params']['bias']  # A n_j, for the stats
+    else:
+      mask_token = self.param('mask_token', INIT, (1, 1, 1, self.width))  # m~
+      m = psi_tgt + mask_token.astype(self.dtype)
+      if mode == 'untied':
+        noise = self._noise((n, b, kt, self.encoder_width), noisy)
+        a_noise = nn.Dense(
+          self.width, use_bias=False, kernel_init=INIT, dtype=self.dtype, name='noise_proj'
+        )(noise)  # A' n_j with A' not tied to the context projection
+      elif mode == 'fixed_cov':
+        a_noise = self._noise((n, b, kt, self.width), noisy)  # e_j at d_p, covariance sigma^2 I
+      else:
+        a_noise = jnp.zeros_like(m)
+      m = m + a_noise
+    # Noise-to-position ratio ||A n|| / ||psi|| (RMS over tokens), a StoP health metric.
+    self.sow(
+      'stats',
+      'noise_to_pos',
+      _rms(a_noise) / _rms(psi_tgt),
+      init_fn=lambda: jnp.zeros(()),
+      reduce_fn=lambda _, new: new,
+    )
+    # ---------------------------------------------------------------------------------------
+
+    # One independent sequence [context, one target block] per target block, target-major.
+    c = jnp.broadcast_to(c[None], (n, b, kc, self.width)).reshape(n * b, kc, self.width)
+    x = jnp.concatenate([c, m.reshape(n * b, kt, self.width)], axis=1)  # [n*B, Kc+Kt, d_p]
+    key_mask = None
+    if ctx_valid is not None or tgt_valid is not None:
+      cv = jnp.ones((b, kc), bool) if ctx_valid is None else ctx_valid
+      tv = jnp.ones((n, b, kt), bool) if tgt_valid is None else tgt_valid
+      cv = jnp.broadcast_to(cv[None], (n, b, kc)).reshape(n * b, kc)
+      key_mask = jnp.concatenate([cv, tv.reshape(n * b, kt)], axis=1)
+    x, _ = BlockStack(
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dtype=self.dtype,
+      gelu=self.gelu,
+      remat=self.remat,
+      scan=self.scan_blocks,
+      name='predictor_blocks',
+    )(x, key_mask)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='predictor_norm')(x[:, kc:])
+    x = nn.Dense(self.encoder_width, kernel_init=INIT, dtype=self.dtype, name='predictor_proj')(x)
+    return x.reshape(n, b, kt, self.encoder_width)
+
+  def _noise(self, shape, noisy: bool):
+    """sigma * N(0, I) from the 'stop' stream, or zeros when no noise is drawn."""
+    if not noisy:
+      return jnp.zeros(shape, self.dtype)
+    return (self.sigma * jax.random.normal(self.make_rng('stop'), shape)).astype(self.dtype)
+
+
+def _rms(x):
+  return jnp.sqrt(jnp.mean(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1)))
