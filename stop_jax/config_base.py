@@ -112,6 +112,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # Swept on a held-out part of the train split.
   c.eval.probe_max_examples = 50_000
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000  # 0 = only at the end.
+  c.checkpoint.keep = 3
+
   c.log_every_steps = 50
   c.total_steps = -1  # -1 = epochs * steps_per_epoch; set to stop early (schedules unchanged).
   c.mesh = ml_collections.ConfigDict()
@@ -120,8 +124,26 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Freezes the set of keys: assigning a key that base_config() did not declare raises."""
   config.lock()
   return config
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses a config-file argument `a=1,b=x` (from `--config=file.py:a=1,b=x`).
+
+  Only the keys given in `defaults` are allowed; values are cast to the default's type.
+  """
+  result = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ConfigError(
+        f'config argument {item!r} is not allowed: expected key=value with key in {sorted(defaults)}.'
+      )
+    kind = type(defaults[key])
+    result[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
+  return ml_collections.ConfigDict(result)
 
 
 def vit_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int, float]:
@@ -253,6 +275,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
       d.global_batch_size,
       f'a multiple of the device count ({num_devices})',
     )
+  _check(
+    config.checkpoint.every_steps >= 0,
+    'checkpoint.every_steps',
+    config.checkpoint.every_steps,
+    '>= 0 (0 = only at the end)',
+  )
+  _check(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep, '>= 1')
   _check(config.log_every_steps > 0, 'log_every_steps', config.log_every_steps, '> 0')
   _check(
     config.total_steps == -1 or config.total_steps > 0,
