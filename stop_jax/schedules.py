@@ -51,7 +51,9 @@ class Schedules:
     if self.constant_lr_after >= 0:
       s = jnp.minimum(s, self.constant_lr_after + 1.0)
     warm = self.start_lr + s / max(1, self.warmup_steps) * (self.lr - self.start_lr)
-    progress = (s - self.warmup_steps) / max(1, self.horizon - self.warmup_steps)
+    # Clamped so that steps past the horizon stay at final_lr (the official code never gets
+    # there, but `total_steps` may run longer than the schedule).
+    progress = jnp.minimum(1.0, (s - self.warmup_steps) / max(1, self.horizon - self.warmup_steps))
     cos = self.final_lr + (self.lr - self.final_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     return jnp.where(s < self.warmup_steps, warm, jnp.maximum(self.final_lr, cos))
 
@@ -59,7 +61,7 @@ class Schedules:
     """Cosine from weight_decay to final_weight_decay over the horizon, clamped at the end."""
     s = jnp.asarray(step, jnp.float32) + 1.0
     lo, hi = self.weight_decay, self.final_weight_decay
-    wd = hi + (lo - hi) * 0.5 * (1.0 + jnp.cos(jnp.pi * s / self.horizon))
+    wd = hi + (lo - hi) * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(1.0, s / self.horizon)))
     return jnp.maximum(hi, wd) if hi <= lo else jnp.minimum(hi, wd)
 
   def momentum(self, step):

@@ -185,7 +185,7 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
       'lr': lr,
       'wd': wd,
       'momentum': momentum,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
       'A_norm': jnp.linalg.norm(embed['kernel']),
       'A_bias_norm': jnp.linalg.norm(embed['bias']),
       'noise_to_pos': stats['noise_to_pos'],
