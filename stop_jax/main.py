@@ -15,10 +15,15 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
+def _quiet_libraries(record) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
+  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().use_absl_log_file_format = False
+  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

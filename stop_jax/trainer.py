@@ -56,7 +56,8 @@ def make_mesh(config) -> jax.sharding.Mesh:
       f'config.mesh.data={config.mesh.data} does not match the {n} available devices '
       '(use -1 for all of them).'
     )
-  return jax.make_mesh((data,), ('data',))
+  # Auto axes: XLA propagates shardings through the step (we annotate inputs and outputs).
+  return jax.make_mesh((data,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_shardings(mesh) -> dict:

@@ -1,0 +1,71 @@
+"""End to end: the real `train_and_evaluate` on the tiny digits config, then a resume."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from stop_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRIC_KEYS = {
+  'loss',
+  'lr',
+  'wd',
+  'momentum',
+  'grad_norm',
+  'A_norm',
+  'A_bias_norm',
+  'noise_to_pos',
+  'ctx_tokens',
+  'tgt_tokens',
+  'images_per_s',
+  'eta_s',
+}
+
+
+def _tiny(steps):
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location('tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config(f'steps={steps}')
+  c.model.depth, c.predictor.depth = 2, 1  # keep CI fast; the step code is the same
+  c.log_every_steps = 5
+  c.checkpoint.every_steps = 20
+  c.eval.probe_l2 = (1e-3,)
+  c.eval.probe_max_examples = 400
+  return c
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_learns_logs_probes_and_resumes(tmp_path):
+  workdir = str(tmp_path)
+  summary = trainer.train_and_evaluate(_tiny(40), workdir)
+
+  lines = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_lines = [x for x in lines if 'loss' in x]
+  assert [x['step'] for x in train_lines] == [5, 10, 15, 20, 25, 30, 35, 40]
+  assert METRIC_KEYS <= set(train_lines[-1])
+  assert train_lines[-1]['loss'] < 0.9 * train_lines[0]['loss']  # it learns
+  assert train_lines[-1]['ctx_tokens'] > 0 and train_lines[-1]['tgt_tokens'] > 0
+  assert train_lines[0]['noise_to_pos'] > 0  # StoP noise is on by default
+  for name in ('pretrained', 'random_init'):
+    assert 0.1 < summary['probe'][name]['accuracy'] <= 1.0
+    assert summary['probe'][name]['num_test'] == 360  # the held-out digits split
+  assert glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents.*'))
+  saved = json.load(open(os.path.join(workdir, 'config.json')))
+  assert saved['stop']['mode'] == 'masked' and saved['total_steps'] == 40
+  plan = json.load(open(os.path.join(workdir, 'plan.json')))
+  assert plan['steps_per_epoch'] == 1437 // 128
+
+  # Same workdir, longer run: resumes at the step-40 checkpoint instead of starting over.
+  config = _tiny(50)
+  config.eval.probe = False
+  summary = trainer.train_and_evaluate(config, workdir)
+  steps = [json.loads(x)['step'] for x in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert steps[-2:] == [45, 50]
+  assert 5 not in steps[len(train_lines) + 2 :]  # nothing recomputed from scratch
+  assert summary['final_metrics']['loss'] < train_lines[0]['loss']
