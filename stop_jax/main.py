@@ -4,6 +4,8 @@ Any config key can be overridden on the command line, e.g. `--config.stop.sigma=
 unknown key fails at once (the config is locked). All logic lives in `trainer.py`.
 """
 
+import logging as py_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,13 +19,13 @@ FLAGS = flags.FLAGS
 
 def _quiet_libraries(record) -> bool:
   """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
-  return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  logging.get_absl_handler().addFilter(_quiet_libraries)
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
