@@ -96,9 +96,18 @@ def test_batch_must_divide_by_the_device_count():
 
 def test_unknown_command_line_key_fails_before_any_work(tmp_path):
   proc = subprocess.run(
-    [sys.executable, '-m', 'stop_jax.main', '--config=configs/tiny.py',
-     f'--workdir={tmp_path}', '--config.stop.sgima=0.1'],
-    cwd=ROOT, capture_output=True, text=True, timeout=300,
+    [
+      sys.executable,
+      '-m',
+      'stop_jax.main',
+      '--config=configs/tiny.py',
+      f'--workdir={tmp_path}',
+      '--config.stop.sgima=0.1',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode != 0
   assert 'sgima' in proc.stderr
