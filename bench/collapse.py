@@ -1,4 +1,4 @@
-r"""StoP's collapse argument, measured: an untied noise projection A' shrinks, the tied A does not.
+r"""StoP's collapse argument, measured: does an untied A' shrink while the tied A does not?
 
 Paper Sec. 3 and App. A: if the masked tokens get noise through their own matrix A'
 (m_j = A' n_j + psi_j + m~), the predictor can drop the noise by learning A' -> 0, and StoP
@@ -10,7 +10,9 @@ masks, and tracks ||A||_F (`params['predictor']['predictor_embed']['kernel']`) a
 
 Command (from the repo root; about a minute per sigma on 2 CPU cores):
   python bench/collapse.py
-  python bench/collapse.py --sigmas=0.25,1.0 --steps=600
+  python bench/collapse.py --sigmas=1.0 --steps=600 --seed=1
+
+Measured results and how to read them: bench/README.md.
 
 Setting: sklearn digits (8x8, bilinear to 32x32, grey to RGB, ImageNet-normalised; no download),
 ViT 64 wide, 2 deep, 4 heads, patch 4 (an 8x8 grid); predictor 32 wide, 2 deep, 4 heads;
@@ -34,7 +36,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from stop_jax import config_base, input_pipeline, masking, models, train  # noqa: E402
+from stop_jax import config_base, masking, models, train  # noqa: E402
 from stop_jax.schedules import Schedules  # noqa: E402
 
 _STEPS = flags.DEFINE_integer('steps', 300, 'Training steps per run.')
@@ -44,6 +46,9 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Init, batch-order and mask seed (shared
 
 BATCH = 32
 PROBE_IMAGES = 128
+# input_pipeline's ImageNet statistics, repeated so this script does not import TensorFlow.
+MEAN_RGB = (0.485, 0.456, 0.406)
+STD_RGB = (0.229, 0.224, 0.225)
 
 
 def collapse_config(mode: str, sigma: float, steps: int, seed: int) -> ml_collections.ConfigDict:
@@ -74,8 +79,8 @@ def digits_images(size: int) -> np.ndarray:
   gray = jnp.asarray(load_digits().images / 16.0, jnp.float32)  # [N, 8, 8] in [0, 1]
   up = jnp.clip(jax.image.resize(gray, (gray.shape[0], size, size), 'bilinear'), 0.0, 1.0)
   rgb = jnp.repeat(up[..., None], 3, axis=-1)
-  mean = jnp.asarray(input_pipeline.MEAN_RGB, jnp.float32)
-  std = jnp.asarray(input_pipeline.STD_RGB, jnp.float32)
+  mean = jnp.asarray(MEAN_RGB, jnp.float32)
+  std = jnp.asarray(STD_RGB, jnp.float32)
   return np.asarray((rgb - mean) / std)
 
 
@@ -100,6 +105,7 @@ def train_run(config, images: np.ndarray, log_every: int) -> list[dict]:
                  channels (0 = targets no longer depend on the image);
     loss         mean training loss over the steps since the previous row.
   """
+  config_base.validate(config)
   steps = config.total_steps
   sigma = float(config.stop.sigma)
   encoder, predictor = models.build_encoder(config), models.build_predictor(config)
@@ -176,7 +182,7 @@ def print_table(sigma: float, tied: list[dict], untied: list[dict]):
   tied_cols = [c for c in _COLUMNS if c[2] != 'A_prime']
   head = [f'{"tied (masked)":^{sum(w + 1 for _, w, _ in tied_cols) - 1}}']
   head.append(f'{"untied":^{sum(w + 1 for _, w, _ in _COLUMNS) - 1}}')
-  print(f'{"":>5} | ' + ' | '.join(head))
+  print((f'{"":>5} | ' + ' | '.join(head)).rstrip())
   names = [' '.join(n.rjust(w) for n, w, _ in cols) for cols in (tied_cols, _COLUMNS)]
   print(f'{"step":>5} | ' + ' | '.join(names))
   for t, u in zip(tied, untied, strict=True):

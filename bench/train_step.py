@@ -262,6 +262,7 @@ def bench(config, steps: int, warmup: int, xla_unrolled: bool, peak_size: int) -
     'predictor': f'{config.predictor.width} x {config.predictor.depth}',
     'dtype': config.model.dtype,
     'stop_mode': config.stop.mode,
+    'gelu': config.model.gelu,
     'scan_blocks': bool(config.model.scan_blocks),
     'remat': config.model.remat,
     'params_encoder': n_params['encoder'],
@@ -296,7 +297,7 @@ def _print_human(r: dict):
   print(
     f'setting: {r["encoder"]} encoder, predictor {r["predictor"]}, image {r["image_size"]}/'
     f'{r["patch_size"]}, batch {r["batch"]}, {r["dtype"]}, stop {r["stop_mode"]}, '
-    f'scan_blocks={r["scan_blocks"]}, remat={r["remat"]}'
+    f'gelu {r["gelu"]}, scan_blocks={r["scan_blocks"]}, remat={r["remat"]}'
   )
   print(
     f'machine: {r["backend"]} ({r["device"]}), {r["cpu_count"]} cores, '
