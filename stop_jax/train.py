@@ -81,8 +81,12 @@ def create_train_state(encoder, predictor, tx, config, rng) -> TrainState:
   )
 
 
-def layer_norm(x, eps: float = 1e-6):
-  """Parameter-free LayerNorm over the last axis (F.layer_norm without affine), in float32."""
+def layer_norm(x, eps: float = 1e-5):
+  """Parameter-free LayerNorm over the last axis, in float32.
+
+  eps 1e-5 is the default of the official `F.layer_norm(h, (h.size(-1),))` on the targets (the
+  model's own LayerNorms use 1e-6).
+  """
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)

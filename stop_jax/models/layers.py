@@ -68,7 +68,8 @@ class Attention(nn.Module):
     hd = d // self.num_heads
     qkv = nn.Dense(3 * d, kernel_init=INIT, dtype=self.dtype, name='qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)  # each [B, N, H, hd]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * (hd**-0.5), k).astype(jnp.float32)
+    # float32 logits even under bf16 compute: rounding them first would blur the softmax.
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q * (hd**-0.5), k, preferred_element_type=jnp.float32)
     if key_mask is not None:
       logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
