@@ -179,7 +179,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   batches = input_pipeline.create_train_iterator(config, plan.mask_spec, start_step=start_step)
   logger = MetricLogger(workdir, plan.total_steps, config.data.global_batch_size, write=is_main)
-  last_metrics = None
   t0 = time.perf_counter()
   for step in range(start_step, plan.total_steps):
     batch = to_global(next(batches), batch_sh)
