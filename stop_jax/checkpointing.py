@@ -43,3 +43,25 @@ class Checkpointer:
 
   def wait(self):
     self.manager.wait_until_finished()
+
+
+def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """Reads a run's checkpoint as plain host arrays, for tools (export, evaluation, notebooks).
+
+  Returns:
+    (step, tree) where tree has the TrainState fields as keys: 'step', 'params' ({'encoder',
+    'predictor'}), 'target_params', 'opt_state'.
+  Raises:
+    FileNotFoundError naming the directory when there is no checkpoint.
+  """
+  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  steps = manager.all_steps() if os.path.isdir(directory) else []
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {directory}: train with --workdir={workdir} first.')
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise FileNotFoundError(f'no checkpoint for step {step} in {directory}; have {sorted(steps)}.')
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  return step, jax.tree.map(lambda x: x if isinstance(x, int) else jax.device_get(x), tree)

@@ -83,7 +83,9 @@ class Predictor(nn.Module):
     # ---- StoP -------------------------------------------------------------------------------
     embed_a = nn.Dense(self.width, kernel_init=INIT, dtype=self.dtype, name='predictor_embed')
     if noisy and mode in NOISE_ON_CONTEXT:
-      ctx = ctx + self.sigma * jax.random.normal(self.make_rng('stop'), ctx.shape, ctx.dtype)
+      ctx_noise = self.sigma * jax.random.normal(self.make_rng('stop'), ctx.shape, ctx.dtype)
+      self.sow('intermediates', 'ctx_noise', ctx_noise)
+      ctx = ctx + ctx_noise
     c = embed_a(ctx) + psi_ctx  # [B, Kc, d_p]  c_i = A s_i + b + psi_i
 
     if mode in ('masked', 'both'):
@@ -140,7 +142,10 @@ class Predictor(nn.Module):
     """sigma * N(0, I) from the 'stop' stream, or zeros when no noise is drawn."""
     if not noisy:
       return jnp.zeros(shape, self.dtype)
-    return (self.sigma * jax.random.normal(self.make_rng('stop'), shape)).astype(self.dtype)
+    noise = (self.sigma * jax.random.normal(self.make_rng('stop'), shape)).astype(self.dtype)
+    # Kept only when the caller asks for mutable=['intermediates'] (parity tests, notebooks).
+    self.sow('intermediates', 'noise', noise)
+    return noise
 
 
 def _rms(x):
