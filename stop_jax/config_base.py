@@ -42,7 +42,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.image_size = 224
   c.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params stay float32).
   c.model.gelu = 'exact'  # exact (official, erf) | tanh (faster on some backends).
-  c.model.remat = 'none'  # none | block: recompute each block in the backward pass.
+  # Activation rematerialisation: none | block (recompute each block in the backward pass) |
+  # dots (keep the Dense outputs, recompute attention and elementwise ops).
+  c.model.remat = 'none'
+  # Storage dtype of the EMA target encoder: float32 | bfloat16 (halves its memory; the EMA is
+  # computed in float32 and stochastically rounded, so updates far below bf16's resolution still
+  # move the target on average).
+  c.model.target_dtype = 'float32'
   c.model.scan_blocks = True  # nn.scan over blocks: compile time flat in depth.
 
   c.predictor = ml_collections.ConfigDict()
@@ -111,6 +117,50 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.probe_random_init = True  # Also probe a randomly initialised encoder (reference).
   c.eval.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # Swept on a held-out part of the train split.
   c.eval.probe_max_examples = 50_000
+  # k-NN sanity metric during pretraining (stop_jax/knn.py: knn_eval) on the run's own data
+  # (config.data splits, un-augmented), avg-pooled last layer. 0 = off.
+  c.eval.knn_every_steps = 0
+  c.eval.knn_max_examples = 10_000  # Per split; -1 = all.
+  c.eval.knn_k = 20  # Neighbours (DINO protocol: 20).
+  c.eval.knn_temperature = 0.07  # Vote weight exp(cos_sim / T) (DINO protocol: 0.07).
+  # `python -m stop_jax.evaluate --config=configs/eval/X.py --workdir=W`: the keys below (model
+  # keys come from the run's config.json). Results go to W/eval/<name>.json.
+  c.eval.name = ''  # '' = '<protocol>_<dataset>'.
+  # logreg: StoP's IN-1k 1% probe, L2 logistic regression (L-BFGS) on standardised features,
+  #   l2 swept over probe_l2 on a held-out 20% of the train split (one value: no sweep).
+  # linear: full linear probe (VISSL): a linear head trained with SGD/LARS on augmented images.
+  # knn: weighted k-NN on cosine similarity (knn_k, knn_temperature).
+  c.eval.protocol = 'logreg'
+  # Features of the frozen target encoder: 'last' = avg-pooled last layer (after the final norm),
+  # 'last4' = concat of the avg-pooled last 4 blocks, each after the final norm. Both are reported.
+  c.eval.feature_types = ('last', 'last4')
+  c.eval.source = 'tfds'  # tfds | folder (data_dir/<split>/<class>/*.jpg) | digits | synthetic.
+  c.eval.dataset = 'imagenet2012'  # tfds name (source=tfds); also names the result file.
+  c.eval.data_dir = ''  # tfds data_dir ('' = the tfds default), or the root for source=folder.
+  c.eval.train_split = 'train'
+  c.eval.test_split = 'validation'
+  c.eval.label = 'label'  # label | clevr_count | clevr_distance (the VTAB task definitions).
+  c.eval.max_train_examples = -1  # First N of each split (-1 = all): quick runs.
+  c.eval.max_test_examples = -1
+  c.eval.image_size = -1  # Eval resolution; -1 = the run's model.image_size.
+  c.eval.resize_ratio = 256 / 224  # Test images: shorter side to image_size * this, center crop.
+  # False: test images are resized whole to image_size x image_size instead (VTAB; CLEVR labels
+  # depend on every object, which a center crop of a 3:2 scene can cut off).
+  c.eval.center_crop = True
+  c.eval.batch_size = 256  # Global batch of feature extraction (rounded up to the devices).
+  c.eval.cache_features = True  # Reuse features in W/eval/cache (logreg, knn).
+  # protocol=linear: one BatchNorm-free linear head per (feature type, lr), all trained on the
+  # same frozen forward pass. LR = lr * linear_batch_size / 256, cosine to 0.
+  c.eval.linear_optimizer = 'sgd'  # sgd (with momentum) | lars.
+  c.eval.linear_lrs = (0.01,)
+  c.eval.linear_momentum = 0.9
+  c.eval.linear_weight_decay = 0.0  # On the head's kernel only.
+  c.eval.linear_epochs = 100
+  c.eval.linear_warmup_epochs = 0.0
+  c.eval.linear_batch_size = 256
+  c.eval.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop area range for training images.
+  c.eval.linear_flip = True  # Random horizontal flip for training images.
+  c.eval.log_every_steps = 100  # protocol=linear: training-loss log interval.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000  # 0 = only at the end.
@@ -118,8 +168,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50
   c.total_steps = -1  # -1 = epochs * steps_per_epoch; set to stop early (schedules unchanged).
+  # Device mesh (data, fsdp, tensor); one axis may be -1 = the devices left over. The batch is
+  # split over data x fsdp; params / optimiser state / EMA target over fsdp (their 'embed' dim);
+  # heads and MLP units over tensor. See stop_jax/sharding.py.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 = all devices on the data axis.
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
   return c
 
 
@@ -177,6 +232,64 @@ def _check_range(key: str, value, lo_open: bool = True):
   _check(ok, key, value, 'expected (lo, hi) with 0 < lo <= hi <= 1')
 
 
+EVAL_PROTOCOLS = ('logreg', 'linear', 'knn')
+EVAL_SOURCES = ('tfds', 'folder', 'digits', 'synthetic')
+EVAL_LABELS = ('label', 'clevr_count', 'clevr_distance')
+FEATURE_TYPES = ('last', 'last4')
+
+
+def _validate_eval(e: ml_collections.ConfigDict):
+  """Checks of the `eval` group (stop_jax.evaluate, the trainer's probe and k-NN)."""
+  _check(
+    len(e.probe_l2) >= 1 and all(v >= 0 for v in e.probe_l2),
+    'eval.probe_l2',
+    e.probe_l2,
+    'a non-empty tuple of values >= 0',
+  )
+  for key in ('knn_every_steps',):
+    _check(e[key] >= 0, f'eval.{key}', e[key], '>= 0 (0 = off)')
+  for key in ('knn_max_examples', 'max_train_examples', 'max_test_examples'):
+    _check(e[key] == -1 or e[key] > 0, f'eval.{key}', e[key], '-1 (all) or > 0')
+  _check(e.knn_k >= 1, 'eval.knn_k', e.knn_k, '>= 1')
+  _check(e.knn_temperature > 0, 'eval.knn_temperature', e.knn_temperature, '> 0')
+  _check(e.protocol in EVAL_PROTOCOLS, 'eval.protocol', e.protocol, f'one of {EVAL_PROTOCOLS}')
+  _check(
+    len(e.feature_types) >= 1
+    and len(set(e.feature_types)) == len(e.feature_types)
+    and all(t in FEATURE_TYPES for t in e.feature_types),
+    'eval.feature_types',
+    e.feature_types,
+    f'distinct values from {FEATURE_TYPES}',
+  )
+  _check(e.source in EVAL_SOURCES, 'eval.source', e.source, f'one of {EVAL_SOURCES}')
+  _check(e.label in EVAL_LABELS, 'eval.label', e.label, f'one of {EVAL_LABELS}')
+  _check(e.image_size == -1 or e.image_size > 0, 'eval.image_size', e.image_size, '-1 or > 0')
+  _check(e.resize_ratio >= 1, 'eval.resize_ratio', e.resize_ratio, '>= 1')
+  for key in ('batch_size', 'linear_batch_size', 'linear_epochs', 'log_every_steps'):
+    _check(e[key] > 0, f'eval.{key}', e[key], '> 0')
+  _check(
+    e.linear_optimizer in ('sgd', 'lars'),
+    'eval.linear_optimizer',
+    e.linear_optimizer,
+    'sgd or lars',
+  )
+  _check(
+    len(e.linear_lrs) >= 1 and all(v > 0 for v in e.linear_lrs),
+    'eval.linear_lrs',
+    e.linear_lrs,
+    'a non-empty tuple of values > 0',
+  )
+  _check(0 <= e.linear_momentum < 1, 'eval.linear_momentum', e.linear_momentum, 'in [0, 1)')
+  _check(e.linear_weight_decay >= 0, 'eval.linear_weight_decay', e.linear_weight_decay, '>= 0')
+  _check(
+    0 <= e.linear_warmup_epochs < e.linear_epochs,
+    'eval.linear_warmup_epochs',
+    e.linear_warmup_epochs,
+    'in [0, linear_epochs)',
+  )
+  _check_range('eval.linear_crop_scale', e.linear_crop_scale)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   """Raises ConfigError naming the first bad key. Cheap: call before compiling anything."""
   m = config.model
@@ -195,7 +308,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check(ratio > 0, 'model.mlp_ratio', ratio, 'positive')
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, 'float32 or bfloat16')
   _check(m.gelu in ('exact', 'tanh'), 'model.gelu', m.gelu, 'exact or tanh')
-  _check(m.remat in ('none', 'block'), 'model.remat', m.remat, 'none or block')
+  _check(m.remat in ('none', 'block', 'dots'), 'model.remat', m.remat, 'none, block or dots')
+  _check(
+    m.target_dtype in ('float32', 'bfloat16'),
+    'model.target_dtype',
+    m.target_dtype,
+    'float32 or bfloat16',
+  )
 
   p = config.predictor
   p_heads = p.num_heads if p.num_heads > 0 else heads
@@ -269,11 +388,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check(d.global_batch_size > 0, 'data.global_batch_size', d.global_batch_size, '> 0')
   _check_range('data.crop_scale', d.crop_scale)
   if num_devices is not None:
+    from stop_jax import sharding  # noqa: PLC0415 (sharding imports flax; keep this module light)
+
+    try:
+      data, fsdp, _ = sharding.mesh_shape(config, num_devices)
+    except sharding.MeshError as e:
+      raise ConfigError(str(e)) from None
     _check(
-      d.global_batch_size % num_devices == 0,
+      d.global_batch_size % (data * fsdp) == 0,
       'data.global_batch_size',
       d.global_batch_size,
-      f'a multiple of the device count ({num_devices})',
+      f'a multiple of the batch-sharded devices (mesh data x fsdp = {data} x {fsdp})',
     )
   _check(
     config.checkpoint.every_steps >= 0,
@@ -281,6 +406,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
     config.checkpoint.every_steps,
     '>= 0 (0 = only at the end)',
   )
+  _validate_eval(config.eval)
   _check(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep, '>= 1')
   _check(config.log_every_steps > 0, 'log_every_steps', config.log_every_steps, '> 0')
   _check(

@@ -34,9 +34,13 @@ def decay_mask(params):
   Decided by leaf name rather than ndim because `nn.scan` stacks per-block vectors into 2-D
   arrays. The mask token ([1, 1, 1, d]) is decayed, as in the official code.
   """
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: path[-1].key not in ('bias', 'scale'), params
-  )
+
+  def keep(path, _):
+    # The last dict key is the param's name (boxed params add attribute keys after it).
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    return name not in ('bias', 'scale')
+
+  return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -57,8 +61,12 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
   return optax.inject_hyperparams(chain)(learning_rate=0.0, weight_decay=0.0)
 
 
-def init_params(encoder: nn.Module, predictor: nn.Module, config, rng: jax.Array):
-  """Initial {'encoder', 'predictor'} params from one key (shapes only depend on the config)."""
+def init_params(encoder: nn.Module, predictor: nn.Module, config, rng: jax.Array, boxed=False):
+  """Initial {'encoder', 'predictor'} params from one key (shapes only depend on the config).
+
+  boxed=True keeps the leaves wrapped in `nn.LogicallyPartitioned` (their logical axis names,
+  which `sharding.tree_shardings` maps to the mesh); otherwise plain arrays.
+  """
   size = config.model.image_size
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   ctx_idx = jnp.zeros((1, 1), jnp.int32)
@@ -67,18 +75,60 @@ def init_params(encoder: nn.Module, predictor: nn.Module, config, rng: jax.Array
   enc = encoder.init(k_enc, images, ctx_idx)['params']
   feats = jnp.zeros((1, 1, encoder.width), jnp.float32)
   pred = predictor.init({'params': k_pred, 'stop': k_stop}, feats, ctx_idx, tgt_idx)['params']
-  return {'encoder': enc, 'predictor': pred}
+  params = {'encoder': enc, 'predictor': pred}
+  return params if boxed else nn.unbox(params)
 
 
-def create_train_state(encoder, predictor, tx, config, rng) -> TrainState:
-  params = init_params(encoder, predictor, config, rng)
-  return TrainState(
+def target_dtype(config):
+  return jnp.bfloat16 if config.model.target_dtype == 'bfloat16' else jnp.float32
+
+
+def create_train_state(encoder, predictor, tx, config, rng, boxed=False) -> TrainState:
+  """The initial state. boxed=True: leaves carry logical axis names (for sharding only)."""
+  params = init_params(encoder, predictor, config, rng, boxed=True)
+  dtype = target_dtype(config)
+  state = TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     # A copy, so the EMA buffer never aliases the trained params when the state is donated.
-    target_params=jax.tree.map(jnp.copy, params['encoder']),
+    target_params=jax.tree.map(lambda x: jnp.array(x, dtype=dtype), params['encoder']),
+    # Initialised on the boxed params, so Adam's moments inherit their logical names too.
     opt_state=tx.init(params),
   )
+  return state if boxed else nn.unbox(state)
+
+
+def stochastic_round_bf16(x, key):
+  """float32 -> bfloat16, rounding up with probability equal to the dropped fraction.
+
+  Unbiased (E[round(x)] = x), so an EMA whose per-step change is far below bf16's resolution
+  (momentum 0.996+ moves a weight by < 0.4% of the gap) still tracks the float32 EMA on average
+  instead of freezing, as round-to-nearest would.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)  # bf16 keeps the top 16 bits of a float32
+  return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def ema_update(target, online, momentum, key=None):
+  """t <- m t + (1 - m) p, computed in float32 and stored in the target's dtype.
+
+  A bfloat16 target is stochastically rounded with one key per leaf (folded from `key`).
+  """
+  leaves, treedef = jax.tree.flatten(target)
+  new = jax.tree.leaves(
+    optax.incremental_update(
+      online, jax.tree.map(lambda t: t.astype(jnp.float32), target), 1.0 - momentum
+    )
+  )
+  out = []
+  for i, (t, n) in enumerate(zip(leaves, new, strict=True)):
+    if t.dtype == jnp.bfloat16:
+      out.append(stochastic_round_bf16(n, jax.random.fold_in(key, i)))
+    else:
+      out.append(n.astype(t.dtype))
+  return jax.tree.unflatten(treedef, out)
 
 
 def layer_norm(x, eps: float = 1e-5):
@@ -181,7 +231,8 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
     params = optax.apply_updates(state.params, updates)
     # EMA target after the optimiser step, as the official code: t <- m t + (1 - m) p.
     momentum = schedules.momentum(step)
-    target_params = optax.incremental_update(params['encoder'], state.target_params, 1.0 - momentum)
+    ema_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 1)  # the 'ema' stream
+    target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
     embed = params['predictor']['predictor_embed']
     metrics = {
       'loss': loss,

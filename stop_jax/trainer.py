@@ -12,16 +12,28 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from stop_jax import checkpointing, config_base, input_pipeline, masking, models, probe, train
+from stop_jax import (
+  checkpointing,
+  config_base,
+  input_pipeline,
+  masking,
+  models,
+  probe,
+  sharding,
+  train,
+)
 from stop_jax.metric_logging import MetricLogger
 from stop_jax.schedules import Schedules
 
@@ -48,20 +60,150 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
   return RunPlan(n, steps_per_epoch, total, masking.spec_from_config(config))
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-  n = jax.device_count()
-  data = config.mesh.data if config.mesh.data > 0 else n
-  if data != n:
-    raise config_base.ConfigError(
-      f'config.mesh.data={config.mesh.data} does not match the {n} available devices '
-      '(use -1 for all of them).'
-    )
-  # Auto axes: XLA propagates shardings through the step (we annotate inputs and outputs).
-  return jax.make_mesh((data,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def batch_shardings(mesh) -> dict:
-  return {k: NamedSharding(mesh, P(*([None] * axis + ['data']))) for k, axis in BATCH_AXIS.items()}
+  ndim = {'image': 4, 'ctx_idx': 2, 'ctx_valid': 2, 'tgt_idx': 3, 'tgt_valid': 3}
+  return {k: NamedSharding(mesh, sharding.batch_spec(a, ndim[k])) for k, a in BATCH_AXIS.items()}
+
+
+def abstract_batch(config, mask_spec: masking.MaskSpec, shardings: dict) -> dict:
+  """ShapeDtypeStructs of one global batch (for ahead-of-time compilation)."""
+  b, s = config.data.global_batch_size, config.model.image_size
+  kc, n, kt = mask_spec.num_context_tokens, mask_spec.num_targets, mask_spec.num_target_tokens
+  shapes = {
+    'image': ((b, s, s, 3), jnp.float32),
+    'ctx_idx': ((b, kc), jnp.int32),
+    'ctx_valid': ((b, kc), jnp.bool_),
+    'tgt_idx': ((n, b, kt), jnp.int32),
+    'tgt_valid': ((n, b, kt), jnp.bool_),
+  }
+  return {
+    k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+    for k, (shape, dtype) in shapes.items()
+  }
+
+
+@dataclasses.dataclass
+class ShardedStep:
+  """Everything the loop and the compile check need: models, shardings and the jitted step."""
+
+  mesh: jax.sharding.Mesh
+  encoder: nn.Module
+  predictor: nn.Module
+  tx: optax.GradientTransformation
+  abstract_state: train.TrainState  # ShapeDtypeStructs carrying their shardings
+  state_shardings: train.TrainState
+  batch_shardings: dict
+  create: Callable  # rng -> sharded TrainState, created directly in its sharding
+  step: Callable  # jitted (state, batch, rng) -> (state, metrics); state donated
+
+  def lower(self, config, mask_spec):
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+    batch = abstract_batch(config, mask_spec, self.batch_shardings)
+    return self.step.lower(self.abstract_state, batch, rng)
+
+  @property
+  def replicated(self):
+    return NamedSharding(self.mesh, P())
+
+
+def make_sharded_step(config, mesh, steps_per_epoch: int) -> ShardedStep:
+  """Builds the models, the state's shardings (from the params' logical names) and the step.
+
+  The state is never materialised whole on one device: its shapes come from `eval_shape`, and
+  `create` initialises every leaf directly into its shard.
+  """
+  encoder, predictor = models.build_encoder(config), models.build_predictor(config)
+  tx = train.make_optimizer(config)
+  schedules = Schedules.from_config(config, steps_per_epoch)
+  boxed = jax.eval_shape(
+    lambda r: train.create_train_state(encoder, predictor, tx, config, r, boxed=True),
+    jax.random.key(0),
+  )
+  state_sh = sharding.tree_shardings(boxed, mesh)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), state_sh
+  )
+  create = jax.jit(
+    lambda r: train.create_train_state(encoder, predictor, tx, config, r), out_shardings=state_sh
+  )
+  inner = train.make_train_step(config, encoder, predictor, tx, schedules)
+
+  def step(state, batch, rng):
+    with sharding.activation_sharding(mesh):  # Active while jit traces the step.
+      return inner(state, batch, rng)
+
+  replicated = NamedSharding(mesh, P())
+  batch_sh = batch_shardings(mesh)
+  jitted = jax.jit(
+    step,
+    donate_argnums=(0,),
+    in_shardings=(state_sh, batch_sh, replicated),
+    out_shardings=(state_sh, replicated),
+  )
+  return ShardedStep(mesh, encoder, predictor, tx, abstract, state_sh, batch_sh, create, jitted)
+
+
+def describe_memory(setup: ShardedStep, compiled=None) -> dict:
+  """Parameter counts and per-device bytes of the state (and XLA's analysis of the step)."""
+  s = setup.abstract_state
+  count = lambda t: sum(x.size for x in jax.tree.leaves(t))  # noqa: E731
+  per_dev = lambda t, sh: sharding.bytes_per_device(t, sh)  # noqa: E731
+  info = {
+    'mesh': dict(setup.mesh.shape),
+    'encoder_params': count(s.params['encoder']),
+    'predictor_params': count(s.params['predictor']),
+    'bytes_per_device': {
+      'params': per_dev(s.params, setup.state_shardings.params),
+      'opt_state': per_dev(s.opt_state, setup.state_shardings.opt_state),
+      'ema_target': per_dev(s.target_params, setup.state_shardings.target_params),
+    },
+  }
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      info['compiled'] = {
+        k: int(getattr(mem, k))
+        for k in (
+          'argument_size_in_bytes',
+          'output_size_in_bytes',
+          'alias_size_in_bytes',
+          'temp_size_in_bytes',
+          'generated_code_size_in_bytes',
+        )
+        if hasattr(mem, k)
+      }
+      c = info['compiled']
+      # Donated arguments alias their outputs: live bytes = args + outputs - aliased + temps.
+      c['peak_estimate_bytes'] = (
+        c.get('argument_size_in_bytes', 0)
+        + c.get('output_size_in_bytes', 0)
+        - c.get('alias_size_in_bytes', 0)
+        + c.get('temp_size_in_bytes', 0)
+      )
+  return info
+
+
+def log_memory(info: dict):
+  gib = 2.0**30
+  b = info['bytes_per_device']
+  logging.info(
+    'mesh %s; encoder %.2fM params, predictor %.2fM params; per device: params %.3f GiB, '
+    'optimiser %.3f GiB, EMA target %.3f GiB',
+    info['mesh'],
+    info['encoder_params'] / 1e6,
+    info['predictor_params'] / 1e6,
+    b['params'] / gib,
+    b['opt_state'] / gib,
+    b['ema_target'] / gib,
+  )
+  if 'compiled' in info:
+    c = info['compiled']
+    logging.info(
+      'compiled step per device: arguments %.3f GiB, temporaries %.3f GiB, peak ~%.3f GiB',
+      c.get('argument_size_in_bytes', 0) / gib,
+      c.get('temp_size_in_bytes', 0) / gib,
+      c['peak_estimate_bytes'] / gib,
+    )
 
 
 def to_global(local: dict, shardings: dict) -> dict:
@@ -104,7 +246,7 @@ def run_probe(config, encoder, target_params, init_rng) -> dict:
   candidates = [('pretrained', target_params)]
   if e.probe_random_init:
     size = config.model.image_size
-    random_params = encoder.init(init_rng, jnp.zeros((1, size, size, 3)))['params']
+    random_params = nn.unbox(encoder.init(init_rng, jnp.zeros((1, size, size, 3)))['params'])
     candidates.append(('random_init', random_params))
   for name, params in candidates:
     res = probe.linear_probe(
@@ -144,39 +286,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plan.mask_spec.num_target_tokens,
   )
 
-  mesh = make_mesh(config)
-  encoder, predictor = models.build_encoder(config), models.build_predictor(config)
-  tx = train.make_optimizer(config)
-  schedules = Schedules.from_config(config, plan.steps_per_epoch)
+  mesh = sharding.make_mesh(config)
+  setup = make_sharded_step(config, mesh, plan.steps_per_epoch)
+  encoder = setup.encoder
   init_rng, step_rng, probe_rng = jax.random.split(jax.random.key(config.seed), 3)
-
-  # Sharded creation: shapes first, then init directly into the target sharding.
-  create = lambda r: train.create_train_state(encoder, predictor, tx, config, r)  # noqa: E731
-  abstract = jax.eval_shape(create, init_rng)
-  state_sharding = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-  replicated = NamedSharding(mesh, P())
-  batch_sh = batch_shardings(mesh)
+  batch_sh = setup.batch_shardings
+  step_rng = jax.device_put(step_rng, setup.replicated)
 
   ckpt = checkpointing.Checkpointer(workdir, config)
-  state = ckpt.restore_latest(abstract, state_sharding)
+  state = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
   if state is None:
-    state = jax.jit(create, out_shardings=state_sharding)(init_rng)
+    state = setup.create(init_rng)
   start_step = int(state.step)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params['encoder']))
-  n_pred = sum(x.size for x in jax.tree.leaves(state.params['predictor']))
+  t_compile = time.perf_counter()
+  # Compiled ahead of time from shapes: a batch of another shape fails loudly instead of
+  # silently recompiling, and XLA's memory analysis is known before the first step.
+  step_fn = setup.lower(config, plan.mask_spec).compile()
   logging.info(
-    'encoder %.2fM params, predictor %.2fM params; starting at step %d',
-    n_params / 1e6,
-    n_pred / 1e6,
+    'compiled the train step in %.1fs; starting at step %d',
+    time.perf_counter() - t_compile,
     start_step,
   )
-
-  step_fn = jax.jit(
-    train.make_train_step(config, encoder, predictor, tx, schedules),
-    donate_argnums=(0,),
-    in_shardings=(state_sharding, batch_sh, replicated),
-    out_shardings=(state_sharding, replicated),
-  )
+  log_memory(describe_memory(setup, step_fn))
   batches = input_pipeline.create_train_iterator(config, plan.mask_spec, start_step=start_step)
   logger = MetricLogger(workdir, plan.total_steps, config.data.global_batch_size, write=is_main)
   t0 = time.perf_counter()

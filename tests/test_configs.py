@@ -86,12 +86,33 @@ def test_bad_values_fail_naming_the_key_and_the_allowed_range(key, value, match)
     config_base.validate(c)
 
 
-def test_batch_must_divide_by_the_device_count():
+def test_batch_must_divide_by_the_batch_sharded_devices():
   c = config_base.base_config()
   c.data.global_batch_size = 100
-  with pytest.raises(config_base.ConfigError, match='multiple of the device count \\(8\\)'):
+  with pytest.raises(config_base.ConfigError, match='data x fsdp = 8 x 1'):
     config_base.validate(c, num_devices=8)
   config_base.validate(c, num_devices=4)
+  # Tensor-parallel devices share their examples: 100 splits over 4 x 1 of the 8 devices.
+  c.mesh.tensor = 2
+  c.mesh.data = 4
+  config_base.validate(c, num_devices=8)
+
+
+@pytest.mark.parametrize(
+  'mesh, match',
+  [
+    ({'data': -1, 'fsdp': -1}, 'at most one axis may be -1'),
+    ({'data': 3}, 'needs 3 devices but 8 are available'),
+    ({'data': -1, 'fsdp': 3}, 'do not divide by the fixed axes'),
+    ({'data': 0}, 'positive or -1'),
+  ],
+)
+def test_bad_mesh_is_named(mesh, match):
+  c = config_base.base_config()
+  for k, v in mesh.items():
+    c.mesh[k] = v
+  with pytest.raises(config_base.ConfigError, match=match):
+    config_base.validate(c, num_devices=8)
 
 
 def test_unknown_command_line_key_fails_before_any_work(tmp_path):

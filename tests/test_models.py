@@ -65,7 +65,7 @@ def _small_encoder(**kw):
 def test_non_square_image_and_keep_idx_shapes():
   enc = _small_encoder()
   images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
-  params = enc.init(jax.random.key(1), images)
+  params = nn.unbox(enc.init(jax.random.key(1), images))
   assert enc.apply(params, images).shape == (2, 24, 32)  # 4 x 6 grid
   idx = jnp.array([[0, 5, 23], [1, 2, 3]])
   assert enc.apply(params, images, idx).shape == (2, 3, 32)
@@ -79,7 +79,7 @@ def test_non_square_image_and_keep_idx_shapes():
 def test_padding_is_invisible_to_valid_tokens():
   enc = _small_encoder()
   images = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
-  params = enc.init(jax.random.key(1), images)
+  params = nn.unbox(enc.init(jax.random.key(1), images))
   idx = jnp.array([[0, 3, 7, 9]])
   ref = enc.apply(params, images, idx)
   padded = jnp.array([[0, 3, 7, 9, 0, 0]])  # two padded slots copying a valid index
@@ -91,7 +91,7 @@ def test_padding_is_invisible_to_valid_tokens():
 def test_scan_and_unrolled_blocks_compute_the_same_function():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   scan, loop = _small_encoder(scan_blocks=True), _small_encoder(scan_blocks=False)
-  p_scan = scan.init(jax.random.key(1), images)['params']
+  p_scan = nn.unbox(scan.init(jax.random.key(1), images)['params'])
   layers = p_scan['blocks']['layers']
   p_loop = dict(p_scan)
   p_loop['blocks'] = {f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], layers) for i in range(2)}
@@ -102,7 +102,7 @@ def test_scan_and_unrolled_blocks_compute_the_same_function():
 
 def test_official_init_statistics():
   c = config_base.base_config()
-  params = models.build_encoder(c).init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  params = nn.unbox(models.build_encoder(c).init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
   p = params['params']
   qkv = np.asarray(p['blocks']['layers']['attn']['qkv']['kernel'])
   assert qkv.std() == pytest.approx(0.02, rel=0.02)  # untruncated N(0, 0.02^2) as official
@@ -132,9 +132,10 @@ TGT_IDX = jnp.array([[[10, 11], [2, 3]], [[14, 15], [6, 7]]])  # [n=2, B=2, Kt=2
 
 
 def _init(pred, ctx):
-  return pred.init({'params': jax.random.key(0), 'stop': jax.random.key(1)}, ctx, CTX_IDX, TGT_IDX)[
-    'params'
-  ]
+  variables = pred.init(
+    {'params': jax.random.key(0), 'stop': jax.random.key(1)}, ctx, CTX_IDX, TGT_IDX
+  )
+  return nn.unbox(variables['params'])
 
 
 def _run(pred, params, ctx, key, **kw):

@@ -3,6 +3,7 @@
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,7 +172,7 @@ def test_target_features_average_the_last_k_normed_blocks():
   c = _config()
   enc = models.build_encoder(c)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  params = enc.init(jax.random.key(1), images)['params']
+  params = nn.unbox(enc.init(jax.random.key(1), images)['params'])
   one = train.target_features(enc, params, images, 1)
   np.testing.assert_allclose(one.mean(-1), 0, atol=1e-5)
   np.testing.assert_allclose(one.std(-1), 1, atol=1e-3)

@@ -27,7 +27,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
     mlp_dim=int(width * ratio),
     dtype=_dtype(config),
     gelu=config.model.gelu,
-    remat=config.model.remat == 'block',
+    remat=config.model.remat,
     scan_blocks=config.model.scan_blocks,
   )
 
@@ -48,6 +48,6 @@ def build_predictor(config: ml_collections.ConfigDict) -> Predictor:
     pos_embed=p.pos_embed,
     dtype=_dtype(config),
     gelu=config.model.gelu,
-    remat=config.model.remat == 'block',
+    remat=config.model.remat,
     scan_blocks=config.model.scan_blocks,
   )

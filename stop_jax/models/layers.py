@@ -10,10 +10,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from stop_jax.sharding import ACT_HIDDEN, ACT_TOKENS, constrain
+
 # The official code calls `trunc_normal_(std=0.02)` with its default bounds a=-2, b=2, which are
 # absolute values, i.e. +-100 std: effectively an untruncated N(0, 0.02^2). JAX's bounds are in
 # units of std, so we widen them to match rather than get the 0.88x std of a +-2 std truncation.
 INIT = nn.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+
+def init(names: tuple[str | None, ...], base=INIT):
+  """`base` initialiser whose params carry logical axis names (mapped by sharding.RULES)."""
+  return nn.with_logical_partitioning(base, names)
+
+
+def dense(features: int, names: tuple[str | None, str | None], dtype, name: str, **kw):
+  """nn.Dense with the official init and logical names (in, out) on kernel and bias."""
+  bias = {} if kw.get('use_bias', True) is False else {'bias_init': init((names[1],), ZEROS)}
+  return nn.Dense(features, kernel_init=init(names), dtype=dtype, name=name, **bias, **kw)
+
+
+def layer_norm(dtype, name: str, axis_name: str | None = 'embed'):
+  """LayerNorm with eps 1e-6 (the official ViT's) and logically named scale / bias."""
+  return nn.LayerNorm(
+    epsilon=1e-6,
+    dtype=dtype,
+    scale_init=init((axis_name,), nn.initializers.ones),
+    bias_init=init((axis_name,), ZEROS),
+    name=name,
+  )
+
+
+ZEROS = nn.initializers.zeros
+
+# Remat policies by config name: 'block' recomputes everything in a block in the backward pass,
+# 'dots' keeps the Dense outputs (matmuls without batch dims) and recomputes attention and
+# elementwise ops, the usual memory / FLOPs middle ground for large ViTs.
+REMAT_POLICIES = {
+  'block': None,
+  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -66,7 +101,7 @@ class Attention(nn.Module):
     """x: [B, N, D]; key_mask: optional bool [B, N], False = padding never attended to."""
     b, n, d = x.shape
     hd = d // self.num_heads
-    qkv = nn.Dense(3 * d, kernel_init=INIT, dtype=self.dtype, name='qkv')(x)
+    qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)  # each [B, N, H, hd]
     # float32 logits even under bf16 compute: rounding them first would blur the softmax.
     logits = jnp.einsum('bqhd,bkhd->bhqk', q * (hd**-0.5), k, preferred_element_type=jnp.float32)
@@ -74,7 +109,8 @@ class Attention(nn.Module):
       logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, d)
-    return nn.Dense(d, kernel_init=INIT, dtype=self.dtype, name='proj')(out)
+    out = constrain(out, ('batch', 'length', 'act_heads'))
+    return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
 
 
 class Block(nn.Module):
@@ -89,12 +125,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, key_mask=None):
     d = x.shape[-1]
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
+    x = constrain(x, ACT_TOKENS)
+    y = layer_norm(self.dtype, 'norm1')(x)
     x = x + Attention(self.num_heads, dtype=self.dtype, name='attn')(y, key_mask)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
-    y = nn.Dense(self.mlp_dim, kernel_init=INIT, dtype=self.dtype, name='fc1')(y)
-    y = nn.Dense(d, kernel_init=INIT, dtype=self.dtype, name='fc2')(gelu_fn(self.gelu)(y))
-    x = x + y
+    y = layer_norm(self.dtype, 'norm2')(x)
+    y = constrain(dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1')(y), ACT_HIDDEN)
+    y = dense(d, ('mlp', 'embed'), self.dtype, 'fc2')(gelu_fn(self.gelu)(y))
+    x = constrain(x + y, ACT_TOKENS)
     return x, (x if self.collect else None)
 
 
@@ -110,14 +147,22 @@ class BlockStack(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   gelu: str = 'exact'
-  remat: bool = False
+  remat: str = 'none'  # none | block | dots (REMAT_POLICIES)
   scan: bool = True
   collect: bool = False
 
   @nn.compact
   def __call__(self, x, key_mask=None):
     """x: [B, N, D] -> ([B, N, D], per-block outputs [depth, B, N, D] or None)."""
-    block_cls = nn.remat(Block, prevent_cse=not self.scan) if self.remat else Block
+    if self.remat == 'none':
+      block_cls = Block
+    elif self.remat in REMAT_POLICIES:
+      # Under scan, XLA cannot CSE across iterations, so the CSE barrier is only needed unrolled.
+      block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    else:
+      raise ValueError(
+        f"remat must be 'none' or one of {sorted(REMAT_POLICIES)}, got {self.remat!r}."
+      )
     kw = dict(
       num_heads=self.num_heads,
       mlp_dim=self.mlp_dim,
@@ -132,6 +177,7 @@ class BlockStack(nn.Module):
         split_rngs={'params': True},
         in_axes=nn.broadcast,
         length=self.depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'},  # Stacked params: [layers, ...].
       )
       return stack(**kw, name='layers')(x, key_mask)
     outs = []

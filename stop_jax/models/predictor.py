@@ -28,7 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stop_jax.models.layers import INIT, BlockStack, sincos_2d
+from stop_jax.models.layers import BlockStack, dense, init, layer_norm, sincos_2d
+from stop_jax.sharding import ACT_TOKENS, constrain
 
 NOISE_ON_MASKED = ('masked', 'both', 'untied', 'fixed_cov')
 NOISE_ON_CONTEXT = ('context', 'both')
@@ -48,7 +49,7 @@ class Predictor(nn.Module):
   pos_embed: str = 'sincos'  # sincos (fixed) | learned
   dtype: Any = jnp.float32
   gelu: str = 'exact'
-  remat: bool = False
+  remat: str = 'none'  # none | block | dots
   scan_blocks: bool = True
 
   @nn.compact
@@ -74,16 +75,17 @@ class Predictor(nn.Module):
     noisy = not deterministic and self.sigma > 0 and mode != 'off'
     h, w = self.grid
     if self.pos_embed == 'learned':
-      pos = self.param('predictor_pos_embed', INIT, (h * w, self.width))
+      pos = self.param('predictor_pos_embed', init((None, 'embed')), (h * w, self.width))
     else:
       pos = jnp.asarray(sincos_2d(h, w, self.width))  # [N, d_p], fixed
     psi_ctx = jnp.take(pos, ctx_idx, axis=0).astype(self.dtype)  # [B, Kc, d_p]
     psi_tgt = jnp.take(pos, tgt_idx, axis=0).astype(self.dtype)  # [n, B, Kt, d_p]
 
     # ---- StoP -------------------------------------------------------------------------------
-    embed_a = nn.Dense(self.width, kernel_init=INIT, dtype=self.dtype, name='predictor_embed')
+    embed_a = dense(self.width, (None, 'embed'), self.dtype, 'predictor_embed')
     if noisy and mode in NOISE_ON_CONTEXT:
       ctx_noise = self.sigma * jax.random.normal(self.make_rng('stop'), ctx.shape, ctx.dtype)
+      ctx_noise = constrain(ctx_noise, ACT_TOKENS)  # drawn shard by shard, not replicated
       self.sow('intermediates', 'ctx_noise', ctx_noise)
       ctx = ctx + ctx_noise
     c = embed_a(ctx) + psi_ctx  # [B, Kc, d_p]  c_i = A s_i + b + psi_i
@@ -91,15 +93,18 @@ class Predictor(nn.Module):
     if mode in ('masked', 'both'):
       noise = self._noise((n, b, kt, self.encoder_width), noisy)  # n_j, [n, B, Kt, d_e]
       m = embed_a(noise) + psi_tgt  # m_j = A n_j + b + psi_j
-      a_noise = m - psi_tgt - embed_a.variables['params']['bias']  # A n_j, for the stats
+      a_noise = m - psi_tgt - nn.unbox(embed_a.variables['params']['bias'])  # A n_j, for the stats
     else:
-      mask_token = self.param('mask_token', INIT, (1, 1, 1, self.width))  # m~
+      mask_token = self.param(
+        'mask_token', init((None, None, None, 'embed')), (1, 1, 1, self.width)
+      )  # m~
       m = psi_tgt + mask_token.astype(self.dtype)
       if mode == 'untied':
         noise = self._noise((n, b, kt, self.encoder_width), noisy)
-        a_noise = nn.Dense(
-          self.width, use_bias=False, kernel_init=INIT, dtype=self.dtype, name='noise_proj'
-        )(noise)  # A' n_j with A' not tied to the context projection
+        # A' n_j with A' not tied to the context projection.
+        a_noise = dense(self.width, (None, 'embed'), self.dtype, 'noise_proj', use_bias=False)(
+          noise
+        )
       elif mode == 'fixed_cov':
         a_noise = self._noise((n, b, kt, self.width), noisy)  # e_j at d_p, covariance sigma^2 I
       else:
@@ -134,8 +139,8 @@ class Predictor(nn.Module):
       scan=self.scan_blocks,
       name='predictor_blocks',
     )(x, key_mask)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='predictor_norm')(x[:, kc:])
-    x = nn.Dense(self.encoder_width, kernel_init=INIT, dtype=self.dtype, name='predictor_proj')(x)
+    x = layer_norm(self.dtype, 'predictor_norm')(x[:, kc:])
+    x = dense(self.encoder_width, ('embed', None), self.dtype, 'predictor_proj')(x)
     return x.reshape(n, b, kt, self.encoder_width)
 
   def _noise(self, shape, noisy: bool):
@@ -143,6 +148,9 @@ class Predictor(nn.Module):
     if not noisy:
       return jnp.zeros(shape, self.dtype)
     noise = (self.sigma * jax.random.normal(self.make_rng('stop'), shape)).astype(self.dtype)
+    # Each device draws only its examples' noise; with JAX's partitionable threefry the values
+    # do not depend on the mesh (tests/test_sharding.py).
+    noise = constrain(noise, (None, *ACT_TOKENS))
     # Kept only when the caller asks for mutable=['intermediates'] (parity tests, notebooks).
     self.sow('intermediates', 'noise', noise)
     return noise

@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from stop_jax.models.layers import INIT, BlockStack, sincos_2d
+from stop_jax.models.layers import ZEROS, BlockStack, init, layer_norm, sincos_2d
 
 
 class VisionTransformer(nn.Module):
@@ -24,7 +24,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: int
   dtype: Any = jnp.float32
   gelu: str = 'exact'
-  remat: bool = False
+  remat: str = 'none'  # none | block | dots
   scan_blocks: bool = True
 
   @nn.compact
@@ -49,7 +49,8 @@ class VisionTransformer(nn.Module):
       (p, p),
       strides=(p, p),
       padding='VALID',
-      kernel_init=INIT,
+      kernel_init=init((None, None, None, 'embed')),
+      bias_init=init(('embed',), ZEROS),
       dtype=self.dtype,
       name='patch_embed',
     )(images.astype(self.dtype))  # [B, h, w, D]
@@ -68,7 +69,7 @@ class VisionTransformer(nn.Module):
       collect=return_blocks,
       name='blocks',
     )(x, keep_valid)
-    norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')
+    norm = layer_norm(self.dtype, 'norm')
     if return_blocks:
       return norm(x), norm(outs)
     return norm(x)
