@@ -120,15 +120,18 @@ class Predictor(nn.Module):
     )
     # ---------------------------------------------------------------------------------------
 
-    # One independent sequence [context, one target block] per target block, target-major.
-    c = jnp.broadcast_to(c[None], (n, b, kc, self.width)).reshape(n * b, kc, self.width)
-    x = jnp.concatenate([c, m.reshape(n * b, kt, self.width)], axis=1)  # [n*B, Kc+Kt, d_p]
+    # One independent sequence [context, one target block] per (example, target block),
+    # example-major: merging [B, n] keeps a batch-sharded B as the leading, sharded factor
+    # (target-major [n, B] would force XLA to replicate the merged axis across devices).
+    c = jnp.broadcast_to(c[:, None], (b, n, kc, self.width)).reshape(b * n, kc, self.width)
+    m = jnp.swapaxes(m, 0, 1).reshape(b * n, kt, self.width)
+    x = constrain(jnp.concatenate([c, m], axis=1), ACT_TOKENS)  # [B*n, Kc+Kt, d_p]
     key_mask = None
     if ctx_valid is not None or tgt_valid is not None:
       cv = jnp.ones((b, kc), bool) if ctx_valid is None else ctx_valid
       tv = jnp.ones((n, b, kt), bool) if tgt_valid is None else tgt_valid
-      cv = jnp.broadcast_to(cv[None], (n, b, kc)).reshape(n * b, kc)
-      key_mask = jnp.concatenate([cv, tv.reshape(n * b, kt)], axis=1)
+      cv = jnp.broadcast_to(cv[:, None], (b, n, kc)).reshape(b * n, kc)
+      key_mask = jnp.concatenate([cv, jnp.swapaxes(tv, 0, 1).reshape(b * n, kt)], axis=1)
     x, _ = BlockStack(
       depth=self.depth,
       num_heads=self.num_heads,
@@ -141,7 +144,7 @@ class Predictor(nn.Module):
     )(x, key_mask)
     x = layer_norm(self.dtype, 'predictor_norm')(x[:, kc:])
     x = dense(self.encoder_width, ('embed', None), self.dtype, 'predictor_proj')(x)
-    return x.reshape(n, b, kt, self.encoder_width)
+    return jnp.swapaxes(x.reshape(b, n, kt, self.encoder_width), 0, 1)  # [n, B, Kt, d_e]
 
   def _noise(self, shape, noisy: bool):
     """sigma * N(0, I) from the 'stop' stream, or zeros when no noise is drawn."""
