@@ -2,17 +2,36 @@
 
 Any config key can be overridden on the command line, e.g. `--config.stop.sigma=0.1`; an
 unknown key fails at once (the config is locked). All logic lives in `trainer.py`.
+
+Multi-host: on TPU pods and under SLURM (srun) or Open MPI (mpirun) the processes find each
+other by themselves; elsewhere start one process per host with
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (see `distributed.py`).
 """
 
 import logging as py_logging
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from stop_jax import trainer
+from stop_jax import distributed, trainer
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:arg]).')
 flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, TensorBoard, checkpoints.')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'HOST:PORT of process 0, for a multi-process run started by hand (with --num_processes and '
+  '--process_id). Not needed on TPU pods, under SLURM or Open MPI.',
+)
+flags.DEFINE_integer('num_processes', None, 'Number of processes of a run started by hand.')
+flags.DEFINE_integer('process_id', None, 'This process index in [0, num_processes).')
+flags.DEFINE_list(
+  'local_device_ids',
+  None,
+  'Local accelerators this process drives, e.g. 0,1,2,3 (multi-process runs only; default: '
+  "JAX's choice, i.e. all of them, or the one of the local rank under SLURM/Open MPI).",
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -26,6 +45,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_libraries)
+  try:
+    distributed.initialize({name: FLAGS[name].value for name in distributed.FLAG_NAMES})
+  except distributed.DistributedConfigError as e:
+    raise app.UsageError(str(e)) from e
+  if jax.process_index() != 0:
+    # Every host runs the same loop: one voice is enough (warnings still come from all).
+    logging.set_verbosity(logging.WARNING)
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
