@@ -23,7 +23,8 @@ VIT_VARIANTS = {
 
 STOP_MODES = ('masked', 'off', 'context', 'both', 'fixed_cov', 'untied')
 MASK_MODES = ('official', 'corrected')
-DATA_SOURCES = ('digits', 'tfds', 'synthetic')
+DATA_SOURCES = ('digits', 'tfds', 'synthetic', 'folder')
+INTERPOLATIONS = ('bilinear', 'bicubic')
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -98,18 +99,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.ema_end = 1.0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'tfds'  # One of DATA_SOURCES.
+  # One of DATA_SOURCES: tfds | folder (data_dir/<split>/<class>/*.JPEG, the official layout;
+  # classes sorted -> labels) | digits (sklearn, offline) | synthetic (noise, for benchmarks).
+  c.data.source = 'tfds'
   c.data.name = 'imagenet2012'  # tfds name (source=tfds).
-  c.data.train_split = 'train'
-  c.data.eval_split = 'validation'
-  c.data.data_dir = ''  # tfds data_dir ('' = the tfds default).
+  c.data.train_split = 'train'  # tfds split, or the folder's split directory ('train').
+  c.data.eval_split = 'validation'  # Probe test split (folder: usually 'val').
+  c.data.data_dir = ''  # tfds data_dir ('' = the tfds default), or the folder root.
   c.data.global_batch_size = 2048
   # Examples per epoch; -1 = read from the dataset's metadata. Sets steps_per_epoch.
   c.data.num_train_examples = -1
+  # Augmentation, defaults = StoP's official runs (torchvision semantics, in this order):
+  # RandomResizedCrop(scale, ratio) -> flip -> colour jitter -> grayscale -> blur -> normalise.
   c.data.crop_scale = (0.3, 1.0)
   c.data.crop_ratio = (3 / 4, 4 / 3)
-  c.data.flip = True
-  c.data.shuffle_buffer = 10_000
+  c.data.interpolation = 'bilinear'  # RandomResizedCrop resize: bilinear (torchvision) | bicubic.
+  c.data.flip = True  # Horizontal flip with probability 1/2 (I-JEPA's own configs: off).
+  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with strength s, applied with color_jitter_prob; 0 = off
+  # (StoP and I-JEPA: color_jitter_strength 0).
+  c.data.color_jitter = 0.0
+  c.data.color_jitter_prob = 0.8
+  c.data.grayscale_prob = 0.2  # RandomGrayscale (StoP: on, 0.2; 0 = off).
+  c.data.blur_prob = 0.5  # Gaussian blur (StoP: on, 0.5; 0 = off) ...
+  c.data.blur_sigma = (0.1, 2.0)  # ... with a standard deviation uniform in this range (pixels).
+  # tfds: each epoch reads a process's shard in windows of this many consecutive records, in a
+  # random order, each shuffled in memory (about 2-3 windows of encoded images are in RAM).
+  c.data.shuffle_window = 10_000
   c.data.digits_upscale = 'bilinear'  # digits: how 8x8 digits are resized to image_size.
 
   c.eval = ml_collections.ConfigDict()
@@ -160,11 +175,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.linear_batch_size = 256
   c.eval.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop area range for training images.
   c.eval.linear_flip = True  # Random horizontal flip for training images.
+  # Features enter the heads standardised with the mean/std of this many un-augmented train
+  # images: a fixed affine map (so the heads stay linear, no BatchNorm) that makes plain SGD
+  # converge on features with a large common component. 0 = raw features.
+  c.eval.linear_standardize_examples = 10_000
   c.eval.log_every_steps = 100  # protocol=linear: training-loss log interval.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000  # 0 = only at the end.
-  c.checkpoint.keep = 3
+  c.checkpoint.every_minutes = 30.0  # Also save when this long has passed (0 = off).
+  c.checkpoint.keep = 3  # The latest k checkpoints ...
+  c.checkpoint.keep_every = 0  # ... plus every step that is a multiple of this, forever (0 = off).
+  # Resuming in a workdir whose config.json differs (beyond run-control keys such as total_steps,
+  # logging, checkpointing, eval, mesh and data_dir) is refused unless this is True.
+  c.checkpoint.allow_config_change = False
+
+  # Non-finite loss or gradients: 'stop' (name the step and the last good checkpoint) or 'skip'
+  # (drop that update, count it, stop after max_consecutive_skips in a row). Either way the
+  # bad update never reaches the params.
+  c.on_nonfinite = 'stop'
+  c.max_consecutive_skips = 10
 
   c.log_every_steps = 50
   c.total_steps = -1  # -1 = epochs * steps_per_epoch; set to stop early (schedules unchanged).
@@ -265,6 +295,12 @@ def _validate_eval(e: ml_collections.ConfigDict):
   _check(e.label in EVAL_LABELS, 'eval.label', e.label, f'one of {EVAL_LABELS}')
   _check(e.image_size == -1 or e.image_size > 0, 'eval.image_size', e.image_size, '-1 or > 0')
   _check(e.resize_ratio >= 1, 'eval.resize_ratio', e.resize_ratio, '>= 1')
+  _check(
+    e.linear_standardize_examples >= 0,
+    'eval.linear_standardize_examples',
+    e.linear_standardize_examples,
+    '>= 0 (0 = raw features)',
+  )
   for key in ('batch_size', 'linear_batch_size', 'linear_epochs', 'log_every_steps'):
     _check(e[key] > 0, f'eval.{key}', e[key], '> 0')
   _check(
@@ -385,8 +421,58 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
 
   d = config.data
   _check(d.source in DATA_SOURCES, 'data.source', d.source, f'one of {DATA_SOURCES}')
+  _check(d.source != 'tfds' or bool(d.name), 'data.name', d.name, 'a tfds dataset name')
+  _check(
+    d.source != 'folder' or bool(d.data_dir),
+    'data.data_dir',
+    d.data_dir,
+    'the root of <root>/<split>/<class>/<image> (source=folder)',
+  )
   _check(d.global_batch_size > 0, 'data.global_batch_size', d.global_batch_size, '> 0')
+  _check(
+    d.num_train_examples == -1 or d.num_train_examples > 0,
+    'data.num_train_examples',
+    d.num_train_examples,
+    '-1 (from the data) or > 0',
+  )
   _check_range('data.crop_scale', d.crop_scale)
+  _check(
+    isinstance(d.crop_ratio, tuple | list)
+    and len(d.crop_ratio) == 2
+    and 0 < d.crop_ratio[0] <= d.crop_ratio[1],
+    'data.crop_ratio',
+    d.crop_ratio,
+    'expected (lo, hi) with 0 < lo <= hi',
+  )
+  _check(
+    d.interpolation in INTERPOLATIONS,
+    'data.interpolation',
+    d.interpolation,
+    f'one of {INTERPOLATIONS}',
+  )
+  _check(
+    d.digits_upscale in INTERPOLATIONS,
+    'data.digits_upscale',
+    d.digits_upscale,
+    f'one of {INTERPOLATIONS}',
+  )
+  _check(
+    isinstance(d.color_jitter, int | float) and 0 <= d.color_jitter <= 2.5,
+    'data.color_jitter',
+    d.color_jitter,
+    'a strength in [0, 2.5] (hue jitter 0.2 * strength must stay <= 0.5)',
+  )
+  for key in ('color_jitter_prob', 'grayscale_prob', 'blur_prob'):
+    _check(0 <= d[key] <= 1, f'data.{key}', d[key], 'a probability in [0, 1]')
+  _check(
+    isinstance(d.blur_sigma, tuple | list)
+    and len(d.blur_sigma) == 2
+    and 0 < d.blur_sigma[0] <= d.blur_sigma[1] <= 50,
+    'data.blur_sigma',
+    d.blur_sigma,
+    'expected (lo, hi) with 0 < lo <= hi <= 50 (pixels)',
+  )
+  _check(d.shuffle_window >= 1, 'data.shuffle_window', d.shuffle_window, '>= 1')
   if num_devices is not None:
     from stop_jax import sharding  # noqa: PLC0415 (sharding imports flax; keep this module light)
 
@@ -408,6 +494,27 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   )
   _validate_eval(config.eval)
   _check(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep, '>= 1')
+  _check(
+    config.checkpoint.every_minutes >= 0,
+    'checkpoint.every_minutes',
+    config.checkpoint.every_minutes,
+    '>= 0 (0 = off)',
+  )
+  _check(
+    config.checkpoint.keep_every >= 0,
+    'checkpoint.keep_every',
+    config.checkpoint.keep_every,
+    '>= 0 (0 = off)',
+  )
+  _check(
+    config.on_nonfinite in ('stop', 'skip'), 'on_nonfinite', config.on_nonfinite, 'stop or skip'
+  )
+  _check(
+    config.max_consecutive_skips >= 1,
+    'max_consecutive_skips',
+    config.max_consecutive_skips,
+    '>= 1',
+  )
   _check(config.log_every_steps > 0, 'log_every_steps', config.log_every_steps, '> 0')
   _check(
     config.total_steps == -1 or config.total_steps > 0,

@@ -233,6 +233,19 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
     momentum = schedules.momentum(step)
     ema_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 1)  # the 'ema' stream
     target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is dropped (the step
+    # count still advances) and the host decides whether to stop or go on (config.on_nonfinite).
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    params, target_params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, target_params, opt_state),
+      (
+        state.params,
+        state.target_params,
+        opt_state._replace(inner_state=state.opt_state.inner_state),
+      ),
+    )
     embed = params['predictor']['predictor_embed']
     metrics = {
       'loss': loss,
@@ -240,7 +253,8 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
       'lr': lr,
       'wd': wd,
       'momentum': momentum,
-      'grad_norm': optax.tree.norm(grads),
+      'grad_norm': grad_norm,
+      'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
       'A_norm': jnp.linalg.norm(embed['kernel']),
       'A_bias_norm': jnp.linalg.norm(embed['bias']),
       'noise_to_pos': stats['noise_to_pos'],

@@ -269,9 +269,81 @@ def run_probe(config, encoder, target_params, init_rng) -> dict:
   return results
 
 
+# Keys that may change when a run is resumed: they steer the job, not the result.
+RESUMABLE_CHANGES = (
+  'total_steps',
+  'log_every_steps',
+  'checkpoint.',
+  'eval.',
+  'mesh.',
+  'data.data_dir',
+  'model.remat',
+  'on_nonfinite',
+  'max_consecutive_skips',
+)
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradients were not finite; the message names the step and checkpoint."""
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+  """Keys whose values differ between two config dicts (as JSON), minus RESUMABLE_CHANGES."""
+  a, b = _flatten(old), _flatten(new)
+  norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (JSON has no tuples)
+  return [
+    f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
+    for k in sorted(a.keys() | b.keys())
+    if norm(a.get(k)) != norm(b.get(k)) and not k.startswith(RESUMABLE_CHANGES)
+  ]
+
+
+def check_workdir_config(config, workdir: str):
+  """Refuses to resume a workdir that holds another config, unless explicitly allowed."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  changes = config_changes(old, json.loads(config.to_json_best_effort()))
+  if not changes:
+    return
+  listing = '\n  '.join(changes)
+  if config.checkpoint.allow_config_change:
+    logging.warning('resuming %s with a changed config:\n  %s', workdir, listing)
+    return
+  raise config_base.ConfigError(
+    f'{workdir} holds a run with another config:\n  {listing}\n'
+    'Use a new --workdir, or pass --config.checkpoint.allow_config_change=True to resume anyway.'
+  )
+
+
+def replicate(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  """The same host value on every device of a (possibly multi-host) mesh."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = replicate(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Pretrains with I-JEPA + StoP, then probes the target encoder. Returns a summary dict."""
+  """Pretrains with I-JEPA + StoP, then probes the target encoder. Returns a summary dict.
+
+  Rerunning with the same workdir resumes from the latest good checkpoint. After a SIGTERM
+  the run saves, returns {'preempted': True, ...} and skips the probe.
+  """
   config_base.validate(config, num_devices=jax.device_count())
+  check_workdir_config(config, workdir)
   plan = plan_run(config)
   is_main = jax.process_index() == 0
   if is_main:
@@ -291,12 +363,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   encoder = setup.encoder
   init_rng, step_rng, probe_rng = jax.random.split(jax.random.key(config.seed), 3)
   batch_sh = setup.batch_shardings
-  step_rng = jax.device_put(step_rng, setup.replicated)
+  step_rng = replicate(step_rng, setup.replicated)
 
   ckpt = checkpointing.Checkpointer(workdir, config)
-  state = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
-  if state is None:
-    state = setup.create(init_rng)
+  restored = ckpt.restore_latest(setup.abstract_state)
+  skipped = 0
+  if restored is None:
+    state = setup.create(replicate(init_rng, setup.replicated))
+  else:
+    state, meta = restored
+    skipped = int(meta.get('nonfinite_skipped', 0))
   start_step = int(state.step)
   t_compile = time.perf_counter()
   # Compiled ahead of time from shapes: a batch of another shape fails loudly instead of
@@ -308,30 +384,103 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step,
   )
   log_memory(describe_memory(setup, step_fn))
+
+  def meta(step: int) -> dict:
+    # The data position is the step (the pipeline is a function of it); stored to be explicit.
+    return {
+      'step': step,
+      'examples_seen': step * config.data.global_batch_size,
+      'data': {k: config.data[k] for k in ('source', 'name', 'train_split', 'global_batch_size')},
+      'seed': config.seed,
+      'step_key': np.asarray(jax.random.key_data(step_rng)).tolist(),
+      'nonfinite_skipped': skipped,
+    }
+
   batches = input_pipeline.create_train_iterator(config, plan.mask_spec, start_step=start_step)
   logger = MetricLogger(workdir, plan.total_steps, config.data.global_batch_size, write=is_main)
+  watcher = checkpointing.PreemptionWatcher()
   t0 = time.perf_counter()
-  for step in range(start_step, plan.total_steps):
-    batch = to_global(next(batches), batch_sh)
-    state, metrics = step_fn(state, batch, step_rng)
-    if step == start_step:
-      jax.block_until_ready(metrics)
-      logging.info('first step (with compilation) took %.1fs', time.perf_counter() - t0)
-      logger.start(step + 1)
-    logger.flush_pending()  # the previous logging step's metrics, fetched one step late
-    done = step + 1
-    if done % config.log_every_steps == 0 or done == plan.total_steps:
-      logger.push(done, metrics)
-    ckpt.maybe_save(done, state, final=done == plan.total_steps)
-  last_metrics = logger.flush_pending()
-  ckpt.wait()
+  pending_check = None  # (step, metrics) whose finiteness is checked one step late
+  consecutive = 0
+  preempted_at = None
 
-  summary = {'steps': plan.total_steps, 'final_metrics': last_metrics}
+  def check_finite(step, metrics):
+    nonlocal skipped, consecutive
+    if not int(metrics['nonfinite']):
+      consecutive = 0
+      return
+    skipped += 1
+    consecutive += 1
+    last = ckpt.last_saved_step
+    where = (
+      f'the last good checkpoint is step {last} in {ckpt.directory}'
+      if last
+      else ('no checkpoint was saved yet')
+    )
+    if config.on_nonfinite == 'stop' or consecutive >= config.max_consecutive_skips:
+      ckpt.wait()
+      reason = (
+        'config.on_nonfinite=stop'
+        if config.on_nonfinite == 'stop'
+        else f'{consecutive} consecutive skipped steps (config.max_consecutive_skips)'
+      )
+      raise NonFiniteError(
+        f'non-finite loss or gradients at step {step} (loss {float(metrics["loss"])}, grad norm '
+        f'{float(metrics["grad_norm"])}); stopped by {reason}. The update was not applied; '
+        f'{where}.'
+      )
+    logging.warning(
+      'non-finite loss or gradients at step %d: update skipped (%d so far)', step, skipped
+    )
+
+  try:
+    for step in range(start_step, plan.total_steps):
+      batch = to_global(next(batches), batch_sh)
+      state, metrics = step_fn(state, batch, step_rng)
+      done = step + 1
+      if step == start_step:
+        jax.block_until_ready(metrics)
+        logging.info('first step took %.1fs', time.perf_counter() - t0)
+        logger.start(done)
+      if pending_check is not None:
+        check_finite(*pending_check)  # waits only for the previous step
+      pending_check = (done, metrics)
+      logger.flush_pending()  # the previous logging step's metrics, fetched one step late
+      if done % config.log_every_steps == 0 or done == plan.total_steps:
+        logger.push(done, metrics)
+      final = done == plan.total_steps
+      if watcher.reached(done):
+        preempted_at = done
+      if final or preempted_at is not None or ckpt.due(done):
+        check_finite(*pending_check)  # never save past an unnoticed non-finite step
+        pending_check = None
+        ckpt.save(done, state, meta(done))
+      if preempted_at is not None:
+        break
+    if pending_check is not None:
+      check_finite(*pending_check)
+    last_metrics = logger.flush_pending()
+    ckpt.wait()
+  finally:
+    watcher.close()
+
+  if preempted_at is not None:
+    logging.warning(
+      'preempted: saved step %d in %s; rerun the same command to resume',
+      preempted_at,
+      ckpt.directory,
+    )
+    logger.close()
+    ckpt.close()
+    return {'steps': preempted_at, 'preempted': True, 'final_metrics': last_metrics}
+
+  summary = {'steps': plan.total_steps, 'final_metrics': last_metrics, 'nonfinite_skipped': skipped}
   if config.eval.probe:
     summary['probe'] = run_probe(config, encoder, state.target_params, probe_rng)
     for name, res in summary['probe'].items():
       logger.write_summary(plan.total_steps, res, prefix=f'probe_{name}')
   logger.close()
+  ckpt.close()
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=float)
