@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   # move the target on average).
   c.model.target_dtype = 'float32'
   c.model.scan_blocks = True  # nn.scan over blocks: compile time flat in depth.
+  # Attention kernel: auto (cuDNN flash attention on GPUs in bf16, else einsum) | einsum (ours,
+  # float32 logits; fastest on XLA:CPU) | xla (jax.nn.dot_product_attention) | cudnn.
+  c.model.attention = 'auto'
 
   c.predictor = ml_collections.ConfigDict()
   c.predictor.width = 384
@@ -345,6 +348,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, 'float32 or bfloat16')
   _check(m.gelu in ('exact', 'tanh'), 'model.gelu', m.gelu, 'exact or tanh')
   _check(m.remat in ('none', 'block', 'dots'), 'model.remat', m.remat, 'none, block or dots')
+  attn = ('auto', 'einsum', 'xla', 'cudnn')
+  _check(m.attention in attn, 'model.attention', m.attention, f'one of {attn}')
+  _check(
+    m.attention != 'cudnn' or m.dtype == 'bfloat16',
+    'model.attention',
+    m.attention,
+    'cudnn needs model.dtype=bfloat16 (the fused kernel has no float32 path)',
+  )
   _check(
     m.target_dtype in ('float32', 'bfloat16'),
     'model.target_dtype',

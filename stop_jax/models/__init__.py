@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from stop_jax import config_base
+from stop_jax.models.layers import resolve_attention
 from stop_jax.models.predictor import Predictor
 from stop_jax.models.vit import VisionTransformer
 
@@ -29,6 +30,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
     gelu=config.model.gelu,
     remat=config.model.remat,
     scan_blocks=config.model.scan_blocks,
+    attention=resolve_attention(config.model.attention, _dtype(config)),
   )
 
 
@@ -50,4 +52,5 @@ def build_predictor(config: ml_collections.ConfigDict) -> Predictor:
     gelu=config.model.gelu,
     remat=config.model.remat,
     scan_blocks=config.model.scan_blocks,
+    attention=resolve_attention(config.model.attention, _dtype(config)),
   )

@@ -42,6 +42,25 @@ def layer_norm(dtype, name: str, axis_name: str | None = 'embed'):
 
 ZEROS = nn.initializers.zeros
 
+# Attention kernels (config model.attention): 'einsum' is ours (float32 logits, any mask; the
+# fastest on XLA:CPU); 'xla' is jax.nn.dot_product_attention's XLA path; 'cudnn' its fused
+# flash-attention kernel on NVIDIA GPUs (bf16/fp16 only; padding must be a suffix of each row).
+ATTENTION_IMPLS = ('einsum', 'xla', 'cudnn')
+
+
+def resolve_attention(kind: str, dtype) -> str:
+  """'auto' -> cudnn on a GPU backend with 16-bit compute, else einsum."""
+  if kind != 'auto':
+    return kind
+  gpu = jax.default_backend() == 'gpu'
+  return 'cudnn' if gpu and jnp.dtype(dtype).itemsize == 2 else 'einsum'
+
+
+def prefix_order(key_mask):
+  """Permutation putting each row's valid tokens first (stable). bool [B, N] -> int [B, N]."""
+  return jnp.argsort(jnp.logical_not(key_mask), axis=-1, stable=True)
+
+
 # Remat policies by config name: 'block' recomputes everything in a block in the backward pass,
 # 'dots' keeps the Dense outputs (matmuls without batch dims) and recomputes attention and
 # elementwise ops, the usual memory / FLOPs middle ground for large ViTs.
@@ -95,14 +114,32 @@ class Attention(nn.Module):
 
   num_heads: int
   dtype: Any = jnp.float32
+  impl: str = 'einsum'  # einsum | xla | cudnn, see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x, key_mask=None):
-    """x: [B, N, D]; key_mask: optional bool [B, N], False = padding never attended to."""
+    """x: [B, N, D]; key_mask: optional bool [B, N], False = padding never attended to.
+
+    With impl='cudnn' the valid keys of each row must come first (a prefix mask): the fused
+    kernel takes sequence lengths, not arbitrary masks. The encoder's context slots are laid out
+    that way; the predictor reorders its tokens (`prefix_order`).
+    """
     b, n, d = x.shape
     hd = d // self.num_heads
     qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv')(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)  # each [B, N, H, hd]
+    if self.impl != 'einsum':
+      lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+      out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=None if (key_mask is None or self.impl == 'cudnn') else key_mask[:, None, None, :],
+        key_value_seq_lengths=lengths if self.impl == 'cudnn' else None,
+        implementation=self.impl,
+      ).reshape(b, n, d)
+      out = constrain(out, ('batch', 'length', 'act_heads'))
+      return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
     # float32 logits even under bf16 compute: rounding them first would blur the softmax.
     logits = jnp.einsum('bqhd,bkhd->bhqk', q * (hd**-0.5), k, preferred_element_type=jnp.float32)
     if key_mask is not None:
@@ -121,13 +158,14 @@ class Block(nn.Module):
   dtype: Any = jnp.float32
   gelu: str = 'exact'
   collect: bool = False  # Also emit the block output (K-average targets, last-4 features).
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, key_mask=None):
     d = x.shape[-1]
     x = constrain(x, ACT_TOKENS)
     y = layer_norm(self.dtype, 'norm1')(x)
-    x = x + Attention(self.num_heads, dtype=self.dtype, name='attn')(y, key_mask)
+    x = x + Attention(self.num_heads, self.dtype, self.attention, name='attn')(y, key_mask)
     y = layer_norm(self.dtype, 'norm2')(x)
     y = constrain(dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1')(y), ACT_HIDDEN)
     y = dense(d, ('mlp', 'embed'), self.dtype, 'fc2')(gelu_fn(self.gelu)(y))
@@ -150,6 +188,7 @@ class BlockStack(nn.Module):
   remat: str = 'none'  # none | block | dots (REMAT_POLICIES)
   scan: bool = True
   collect: bool = False
+  attention: str = 'einsum'
 
   @nn.compact
   def __call__(self, x, key_mask=None):
@@ -169,6 +208,7 @@ class BlockStack(nn.Module):
       dtype=self.dtype,
       gelu=self.gelu,
       collect=self.collect,
+      attention=self.attention,
     )
     if self.scan:
       stack = nn.scan(

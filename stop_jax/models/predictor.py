@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stop_jax.models.layers import BlockStack, dense, init, layer_norm, sincos_2d
+from stop_jax.models.layers import BlockStack, dense, init, layer_norm, prefix_order, sincos_2d
 from stop_jax.sharding import ACT_TOKENS, constrain
 
 NOISE_ON_MASKED = ('masked', 'both', 'untied', 'fixed_cov')
@@ -51,6 +51,7 @@ class Predictor(nn.Module):
   gelu: str = 'exact'
   remat: str = 'none'  # none | block | dots
   scan_blocks: bool = True
+  attention: str = 'einsum'  # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(
@@ -132,6 +133,13 @@ class Predictor(nn.Module):
       tv = jnp.ones((n, b, kt), bool) if tgt_valid is None else tgt_valid
       cv = jnp.broadcast_to(cv[:, None], (b, n, kc)).reshape(b * n, kc)
       key_mask = jnp.concatenate([cv, jnp.swapaxes(tv, 0, 1).reshape(b * n, kt)], axis=1)
+    order = None
+    if self.attention == 'cudnn' and key_mask is not None:
+      # The fused kernel masks by lengths: move each row's valid tokens to the front. Blocks
+      # are permutation-equivariant over tokens, so un-permuting afterwards is exact.
+      order = prefix_order(key_mask)  # [B*n, L]
+      x = jnp.take_along_axis(x, order[..., None], axis=1)
+      key_mask = jnp.take_along_axis(key_mask, order, axis=1)
     x, _ = BlockStack(
       depth=self.depth,
       num_heads=self.num_heads,
@@ -140,8 +148,11 @@ class Predictor(nn.Module):
       gelu=self.gelu,
       remat=self.remat,
       scan=self.scan_blocks,
+      attention=self.attention,
       name='predictor_blocks',
     )(x, key_mask)
+    if order is not None:
+      x = jnp.take_along_axis(x, jnp.argsort(order, axis=-1)[..., None], axis=1)
     x = layer_norm(self.dtype, 'predictor_norm')(x[:, kc:])
     x = dense(self.encoder_width, ('embed', None), self.dtype, 'predictor_proj')(x)
     return jnp.swapaxes(x.reshape(b, n, kt, self.encoder_width), 0, 1)  # [n, B, Kt, d_e]

@@ -26,6 +26,7 @@ class VisionTransformer(nn.Module):
   gelu: str = 'exact'
   remat: str = 'none'  # none | block | dots
   scan_blocks: bool = True
+  attention: str = 'einsum'  # layers.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, images, keep_idx=None, keep_valid=None, return_blocks: bool = False):
@@ -66,6 +67,7 @@ class VisionTransformer(nn.Module):
       gelu=self.gelu,
       remat=self.remat,
       scan=self.scan_blocks,
+      attention=self.attention,
       collect=return_blocks,
       name='blocks',
     )(x, keep_valid)
