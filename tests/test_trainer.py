@@ -69,3 +69,32 @@ def test_tiny_pretraining_learns_logs_probes_and_resumes(tmp_path):
   assert steps[-2:] == [45, 50]
   assert 5 not in steps[len(train_lines) + 2 :]  # nothing recomputed from scratch
   assert summary['final_metrics']['loss'] < train_lines[0]['loss']
+
+
+@pytest.mark.slow
+def test_no_recompilation_after_the_first_step(tmp_path, monkeypatch):
+  import jax
+
+  # Count XLA compilations, and remember how many had happened when each step was dispatched.
+  compiles, at_step = [], []
+  jax.monitoring.register_event_duration_secs_listener(
+    lambda name, *a, **k: (
+      compiles.append(name) if name.endswith('backend_compile_duration') else None
+    )
+  )
+  real_next = trainer.to_global
+
+  def counting_to_global(batch, shardings):
+    at_step.append(len(compiles))
+    return real_next(batch, shardings)
+
+  monkeypatch.setattr(trainer, 'to_global', counting_to_global)
+  config = _tiny(12)
+  config.eval.probe = False
+  config.checkpoint.every_steps = 4  # saves and metric fetches in between must not compile
+  config.log_every_steps = 3
+  trainer.train_and_evaluate(config, str(tmp_path))
+  assert len(at_step) == 12
+  # The step is compiled ahead of time, before the loop: no compilation during the 12 steps.
+  assert at_step[0] >= 1
+  assert at_step[-1] == at_step[0], f'compilations during the loop: {at_step}'
