@@ -172,14 +172,16 @@ def linear_probe(
     test_x: test features `[M, D]`.
     test_y: test labels `[M]`.
     num_classes: number of classes.
-    l2_grid: candidate l2 strengths (per-mean-loss scale, see `objective`).
+    l2_grid: candidate l2 strengths (per-mean-loss scale, see `objective`); with a single
+      value there is no sweep and no held-out fit.
     val_fraction: share of the train set held out (seeded permutation) to pick l2.
     seed: seed of that permutation.
     max_iters: L-BFGS iteration cap for every fit.
 
   Returns:
-    `{'accuracy': test accuracy in [0, 1], 'l2': chosen l2, 'val_accuracy': {l2: acc},
-    'num_train': N, 'num_test': M, 'dim': D}`.
+    `{'accuracy': test accuracy in [0, 1], 'l2': chosen l2, 'val_accuracy': {l2: acc} (empty
+    without a sweep), 'train_accuracy': on all N train rows, 'iters': L-BFGS iterations of the
+    final fit, 'num_train': N, 'num_test': M, 'dim': D}`.
   """
   if not l2_grid:
     raise ValueError('l2_grid must not be empty')
@@ -196,23 +198,28 @@ def linear_probe(
   if not 0 < n_val < n:
     raise ValueError(f'val_fraction={val_fraction} leaves an empty split of {n} train rows')
 
-  perm = np.random.default_rng(seed).permutation(n)
-  val_idx, fit_idx = perm[:n_val], perm[n_val:]
-  fit_x, fit_y = jnp.asarray(train_x[fit_idx]), jnp.asarray(train_y[fit_idx])
   val_accuracy = {}
-  for l2 in l2_grid:
-    params = fit_logistic_regression(fit_x, fit_y, num_classes, float(l2), max_iters=max_iters)
-    val_accuracy[float(l2)] = _accuracy(params, train_x[val_idx], train_y[val_idx])
-  # Ties go to the strongest regularisation: on a small validation split they are common, and
-  # the simpler model is the safer bet.
-  best = max(val_accuracy.values())
-  best_l2 = max(l2 for l2, acc in val_accuracy.items() if acc == best)
+  if len(l2_grid) == 1:
+    best_l2 = float(l2_grid[0])  # Nothing to choose: no held-out fits.
+  else:
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    fit_x, fit_y = jnp.asarray(train_x[fit_idx]), jnp.asarray(train_y[fit_idx])
+    for l2 in l2_grid:
+      params = fit_logistic_regression(fit_x, fit_y, num_classes, float(l2), max_iters=max_iters)
+      val_accuracy[float(l2)] = _accuracy(params, train_x[val_idx], train_y[val_idx])
+    # Ties go to the strongest regularisation: on a small validation split they are common, and
+    # the simpler model is the safer bet.
+    best = max(val_accuracy.values())
+    best_l2 = max(l2 for l2, acc in val_accuracy.items() if acc == best)
 
   params = fit_logistic_regression(train_x, train_y, num_classes, best_l2, max_iters=max_iters)
   return {
     'accuracy': _accuracy(params, test_x, test_y),
     'l2': best_l2,
     'val_accuracy': val_accuracy,
+    'train_accuracy': _accuracy(params, train_x, train_y),
+    'iters': params['iters'],
     'num_train': int(n),
     'num_test': int(test_x.shape[0]),
     'dim': int(dim),

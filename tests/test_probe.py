@@ -122,3 +122,14 @@ def test_predict_on_separable_data():
   assert pred.shape == (90,)
   np.testing.assert_array_equal(pred, y)
   np.testing.assert_array_equal(np.asarray(probe.predict(params, centres)), [0, 1, 2])
+
+
+def test_single_l2_skips_the_sweep(digits):
+  xtr, xte, ytr, yte = digits
+  out = probe.linear_probe(xtr, ytr, xte, yte, _NUM_CLASSES, l2_grid=(1e-2,))
+  assert out['l2'] == 1e-2 and out['val_accuracy'] == {}
+  # Same as fitting that l2 on all (standardised) train rows directly.
+  xtr_s, xte_s = probe.standardize(xtr, xte)
+  direct = probe.fit_logistic_regression(xtr_s, ytr, _NUM_CLASSES, 1e-2)
+  assert out['accuracy'] == pytest.approx(_accuracy(direct, xte_s, yte))
+  assert out['iters'] == direct['iters'] and 0.9 < out['train_accuracy'] <= 1.0
