@@ -1,0 +1,90 @@
+"""Every notebook in notebooks/ runs headless from top to bottom and draws its figures.
+
+The notebooks read their run from STOP_JAX_WORKDIR: one tiny run, trained once per test session
+(and shared by the pytest-xdist workers), stands in for a real checkpoint.
+"""
+
+import fcntl
+import json
+import os
+import pathlib
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from stop_jax import analysis
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob('*.ipynb'))
+# The least number of figures (image/png outputs) each notebook must draw.
+MIN_FIGURES = {
+  'quickstart.ipynb': 1,
+  'similarity_maps.ipynb': 3,  # learned A, random A, single draws
+  'prediction_heatmaps.ipynb': 3,  # one per image
+  'stop_regularisation.ipynb': 2,  # against sigma, along training
+}
+TINY_STEPS = 30
+
+
+def _outputs(nb):
+  return [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs]
+
+
+def test_notebooks_are_registered_valid_and_stored_without_outputs():
+  assert set(NOTEBOOKS) == set(MIN_FIGURES)
+  for name in NOTEBOOKS:
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == 'python3'
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    assert "'google.colab' in sys.modules" in code[0].source, name  # Colab install cell first
+    assert not _outputs(nb) and all(c.execution_count is None for c in code), name
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent  # the session's root, shared by its xdist workers
+  workdir = base / 'notebook_tiny_run'
+  with open(base / 'notebook_tiny_run.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker trains, the others wait and reuse it
+    analysis.ensure_tiny_run(str(workdir), steps=TINY_STEPS)
+  return str(workdir)
+
+
+@pytest.fixture(scope='session')
+def jupyter_path(tmp_path_factory):
+  """A 'python3' kernel spec on this interpreter (the venv), found before any system one."""
+  root = tmp_path_factory.mktemp('jupyter')
+  spec = root / 'kernels' / 'python3'
+  spec.mkdir(parents=True)
+  kernel = {
+    'argv': [sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'],
+    'display_name': 'Python 3 (stop_jax tests)',
+    'language': 'python',
+  }
+  (spec / 'kernel.json').write_text(json.dumps(kernel))
+  return str(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', NOTEBOOKS)
+def test_notebook_runs_and_draws_its_figures(name, tiny_run, jupyter_path, tmp_path, monkeypatch):
+  monkeypatch.setenv('JUPYTER_PATH', jupyter_path)
+  monkeypatch.delenv('MPLBACKEND', raising=False)  # the kernel's inline backend emits PNGs
+  monkeypatch.setenv('STOP_JAX_WORKDIR', tiny_run)
+  monkeypatch.setenv('STOP_JAX_SWEEP_DIR', str(tmp_path / 'sweep'))
+  monkeypatch.setenv('STOP_JAX_QUICKSTART_WORKDIR', str(tmp_path / 'quickstart'))
+  monkeypatch.setenv('STOP_JAX_QUICKSTART_STEPS', str(TINY_STEPS))
+  nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+  client = NotebookClient(
+    nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(NOTEBOOK_DIR)}}
+  )
+  client.execute()  # raises CellExecutionError, with the cell's traceback, on any error
+  outputs = _outputs(nb)
+  assert not [o for o in outputs if o.output_type == 'error']
+  figures = [o for o in outputs if 'image/png' in o.get('data', {})]
+  assert len(figures) >= MIN_FIGURES[name], f'{name} drew {len(figures)} figures'
