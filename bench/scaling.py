@@ -1,0 +1,197 @@
+r"""Weak-scaling estimate on paper, from the collectives in the compiled step's HLO.
+
+    python bench/scaling.py                                 # ViT-H/14, DP and FSDP, 64 devices
+    python bench/scaling.py --config=configs/vitl16.py --per_device_batch=32
+
+For each mesh (pure data parallel, full FSDP, and 8-way FSDP x data), compiles the trainer's
+real sharded step for `--num_devices` simulated CPU devices with unrolled blocks at two small
+depths, reads every collective from the optimised HLO (all-reduce, all-gather, reduce-scatter,
+all-to-all, collective-permute; async `-start` ops counted once), and turns its result shape
+and replica-group size into the bytes each device sends over a ring:
+
+  all-gather       (n-1)/n x result          reduce-scatter  (n-1) x result
+  all-reduce       2 (n-1)/n x size          all-to-all      (n-1)/n x size
+  collective-permute  size
+
+Collective bytes are affine in depth, so the two depths extrapolate exactly to the real depth
+(cheaper than compiling 32 unrolled blocks). The predicted step time compares those bytes, at
+the assumed per-device bandwidth, with the compute time of the analytic useful FLOPs
+(bench/train_step.model_flops, plus the recomputation the remat policy adds) at an assumed
+MFU of the bf16 datasheet peak:
+
+  efficiency (overlapped)  = t_compute / max(t_compute, t_comm)   (XLA's async collectives and
+                             latency-hiding scheduler overlap FSDP gathers with compute)
+  efficiency (serial)      = t_compute / (t_compute + t_comm)    (no overlap at all: a floor)
+
+Bandwidth assumptions (per device, one direction, printed with the result):
+  TPU v5p: 3D torus ICI, 4,800 Gbit/s per chip = 600 GB/s in total; we assume 200 GB/s usable by
+    one ring collective (one torus dimension's links, both directions), bf16 peak 459 TFLOP/s.
+  H100 SXM: NVLink 450 GB/s per direction inside a node of 8, InfiniBand NDR 400 Gbit/s = 50 GB/s
+    per GPU between nodes; a ring over 64 GPUs on 8 nodes runs at the slower, 50 GB/s (bf16 peak
+    989 TFLOP/s).
+"""
+
+import os
+import re
+import sys
+
+
+def _force_devices(argv):
+  n = 64
+  for a in argv:
+    if a.startswith('--num_devices='):
+      n = int(a.split('=', 1)[1])
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={n}'
+  )
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+if __name__ == '__main__':
+  _force_devices(sys.argv)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+_DTYPE_BYTES = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 's32': 4, 'u32': 4, 's8': 1, 'u8': 1}
+_DTYPE_BYTES.update({'pred': 1, 's64': 8, 'u64': 8})
+_COLLECTIVE = re.compile(
+  r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
+  r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
+)
+_ARRAY = re.compile(r'([a-z]+[0-9]*)\[([0-9,]*)\]')
+_IOTA_GROUPS = re.compile(r'replica_groups=\[(\d+),(\d+)\]<=')
+_LIST_GROUPS = re.compile(r'replica_groups=\{\{([0-9,]*)\}')
+
+# (name, bf16 peak TFLOP/s, assumed ring bandwidth GB/s per device, devices)
+TARGETS = (
+  ('256 x TPU v5p', 459.0, 200.0, 256),
+  ('64 x H100 SXM (8 nodes)', 989.0, 50.0, 64),
+)
+
+
+def _bytes_of(shape: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    size = int(np.prod([int(d) for d in dims.split(',') if d])) if dims else 1
+    total += size * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def _group_size(line: str, default: int) -> int:
+  m = _IOTA_GROUPS.search(line)
+  if m:
+    return int(m.group(2))
+  m = _LIST_GROUPS.search(line)
+  if m:
+    return len([x for x in m.group(1).split(',') if x])
+  return default
+
+
+def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
+  """Bytes each device sends per step, by collective kind, from optimised HLO text."""
+  out: dict[str, float] = {}
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m or '-done' in line.split('=')[0]:
+      continue
+    op, size = m.group('op'), _bytes_of(m.group('shape'))
+    n = _group_size(line, num_devices)
+    if n <= 1:
+      continue
+    sent = {
+      'all-gather': (n - 1) / n * size,
+      'reduce-scatter': (n - 1) * size,
+      'all-reduce': 2 * (n - 1) / n * size,
+      'all-to-all': (n - 1) / n * size,
+      'collective-permute': float(size),
+    }[op]
+    out[op] = out.get(op, 0.0) + sent
+  return out
+
+
+def main(argv):
+  del argv
+  import jax
+  import train_step as bench_step
+
+  from stop_jax import config_base, masking, sharding, trainer
+
+  config = _CONFIG.value
+  config.model.dtype = 'bfloat16'
+  config.model.scan_blocks = False  # while-loop bodies would hide per-layer collectives
+  _, depth_real, _, _ = config_base.vit_shape(config.model)
+  n = jax.device_count()
+  config.data.global_batch_size = _BATCH.value * n
+  meshes = {
+    'data parallel': (n, 1),
+    'FSDP (all devices)': (1, n),
+    'FSDP 8 x data': (n // 8, 8),
+  }
+  spec = masking.spec_from_config(config)
+  per_device_flops = (
+    bench_step.model_flops(config, spec.num_context_tokens, spec.num_target_tokens, _BATCH.value)[
+      'total'
+    ]
+    * {'none': 1.0, 'dots': 1.1, 'block': 4 / 3}[config.model.remat]
+  )
+  results = {'per_device_batch': _BATCH.value, 'devices_compiled': n, 'depth': depth_real}
+  results['useful_tflop_per_device_step'] = per_device_flops / 1e12
+  for name, (data, fsdp) in meshes.items():
+    per_depth = {}
+    for depth in (2, 4):
+      c = config.copy_and_resolve_references()
+      c.model.depth = depth
+      c.mesh.data, c.mesh.fsdp = data, fsdp
+      mesh = sharding.make_mesh(c)
+      setup = trainer.make_sharded_step(c, mesh, steps_per_epoch=1000)
+      hlo = setup.lower(c, spec).compile().as_text()
+      per_depth[depth] = collective_bytes(hlo, n)
+    kinds = set(per_depth[2]) | set(per_depth[4])
+    total = {}
+    for k in kinds:
+      b2, b4 = per_depth[2].get(k, 0.0), per_depth[4].get(k, 0.0)
+      total[k] = b2 + (b4 - b2) / 2 * (depth_real - 2)  # affine in depth
+    comm = sum(total.values())
+    row = {'bytes_per_device_per_step': total, 'total_gb': comm / 1e9}
+    for target, peak_tflops, bw, devices in TARGETS:
+      t_compute = per_device_flops / (peak_tflops * 1e12 * _MFU.value)
+      t_comm = comm / (bw * 1e9)
+      row[target] = {
+        't_compute_s': t_compute,
+        't_comm_s': t_comm,
+        'efficiency_overlapped': t_compute / max(t_compute, t_comm),
+        'efficiency_serial': t_compute / (t_compute + t_comm),
+        'images_per_s_per_device': _BATCH.value / max(t_compute, t_comm),
+        'devices': devices,
+      }
+    results[name] = row
+    print(f'{name}: {comm / 1e9:.2f} GB sent per device per step ({", ".join(sorted(kinds))})')
+    for target, *_ in TARGETS:
+      r = row[target]
+      print(
+        f'  {target:<26} compute {r["t_compute_s"] * 1e3:7.1f} ms, comm {r["t_comm_s"] * 1e3:7.1f}'
+        f' ms -> efficiency {100 * r["efficiency_overlapped"]:.0f}% overlapped, '
+        f'{100 * r["efficiency_serial"]:.0f}% serial'
+      )
+  results['assumptions'] = {
+    'mfu_of_datasheet_peak': _MFU.value,
+    'targets': [
+      dict(zip(('name', 'peak_tflops', 'ring_gb_s', 'devices'), t, strict=True)) for t in TARGETS
+    ],
+  }
+  print('RESULT ' + json.dumps(results))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/vith14.py', 'Config file.')
+  _BATCH = flags.DEFINE_integer('per_device_batch', 32, 'Examples per device (weak scaling).')
+  _MFU = flags.DEFINE_float('mfu', 0.5, 'Assumed MFU of the compute part, vs the bf16 peak.')
+  flags.DEFINE_integer('num_devices', 64, 'Simulated devices (set before JAX starts).')
+  app.run(main)
