@@ -27,7 +27,9 @@ from jax.sharding import PartitionSpec as P
 from stop_jax import (
   checkpointing,
   config_base,
+  features,
   input_pipeline,
+  knn,
   masking,
   models,
   probe,
@@ -224,18 +226,6 @@ def save_config(config, plan: RunPlan, workdir: str):
     )
 
 
-def encoder_features(encoder, params, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """Average-pooled last-layer features of a frozen encoder. images [N, H, W, 3] -> [N, D]."""
-  fn = jax.jit(lambda p, x: jnp.mean(encoder.apply({'params': p}, x), axis=1))
-  out = []
-  for i in range(0, len(images), batch_size):
-    chunk = images[i : i + batch_size]
-    pad = batch_size - len(chunk)  # one shape for every call: one compilation
-    x = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)]) if pad else chunk
-    out.append(np.asarray(fn(params, x))[: len(chunk)])
-  return np.concatenate(out)
-
-
 def run_probe(config, encoder, target_params, init_rng) -> dict:
   """Linear probe of the target encoder, next to the same probe on a random-init encoder."""
   e = config.eval
@@ -250,9 +240,9 @@ def run_probe(config, encoder, target_params, init_rng) -> dict:
     candidates.append(('random_init', random_params))
   for name, params in candidates:
     res = probe.linear_probe(
-      encoder_features(encoder, params, train_x),
+      features.encoder_features(encoder, params, train_x),
       train_y,
-      encoder_features(encoder, params, test_x),
+      features.encoder_features(encoder, params, test_x),
       test_y,
       num_classes=num_classes,
       l2_grid=tuple(e.probe_l2),
@@ -451,6 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       final = done == plan.total_steps
       if watcher.reached(done):
         preempted_at = done
+      if config.eval.knn_every_steps and done % config.eval.knn_every_steps == 0:
+        res = knn.knn_eval(config, encoder, state.target_params)  # a cheap periodic sanity metric
+        logger.write_summary(done, res, prefix='knn')
       if final or preempted_at is not None or ckpt.due(done):
         check_finite(*pending_check)  # never save past an unnoticed non-finite step
         pending_check = None

@@ -43,10 +43,16 @@ def _tiny(steps):
 @pytest.mark.slow
 def test_tiny_pretraining_learns_logs_probes_and_resumes(tmp_path):
   workdir = str(tmp_path)
-  summary = trainer.train_and_evaluate(_tiny(40), workdir)
+  config = _tiny(40)
+  config.eval.knn_every_steps = 20  # the periodic k-NN sanity metric
+  config.eval.knn_max_examples = 200
+  summary = trainer.train_and_evaluate(config, workdir)
 
   lines = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
   train_lines = [x for x in lines if 'loss' in x]
+  knn_lines = [x for x in lines if 'knn/knn_top1' in x]
+  assert [x['step'] for x in knn_lines] == [20, 40]
+  assert all(0.0 <= x['knn/knn_top1'] <= 1.0 for x in knn_lines)
   assert [x['step'] for x in train_lines] == [5, 10, 15, 20, 25, 30, 35, 40]
   assert METRIC_KEYS <= set(train_lines[-1])
   assert train_lines[-1]['loss'] < 0.9 * train_lines[0]['loss']  # it learns
@@ -63,6 +69,8 @@ def test_tiny_pretraining_learns_logs_probes_and_resumes(tmp_path):
 
   # Same workdir, longer run: resumes at the step-40 checkpoint instead of starting over.
   config = _tiny(50)
+  config.eval.knn_every_steps = 20
+  config.eval.knn_max_examples = 200
   config.eval.probe = False
   summary = trainer.train_and_evaluate(config, workdir)
   steps = [json.loads(x)['step'] for x in open(os.path.join(workdir, 'metrics.jsonl'))]
