@@ -23,12 +23,14 @@ MFU of the bf16 datasheet peak:
                              latency-hiding scheduler overlap FSDP gathers with compute)
   efficiency (serial)      = t_compute / (t_compute + t_comm)    (no overlap at all: a floor)
 
-Bandwidth assumptions (per device, one direction, printed with the result):
-  TPU v5p: 3D torus ICI, 4,800 Gbit/s per chip = 600 GB/s in total; we assume 200 GB/s usable by
-    one ring collective (one torus dimension's links, both directions), bf16 peak 459 TFLOP/s.
-  H100 SXM: NVLink 450 GB/s per direction inside a node of 8, InfiniBand NDR 400 Gbit/s = 50 GB/s
-    per GPU between nodes; a ring over 64 GPUs on 8 nodes runs at the slower, 50 GB/s (bf16 peak
-    989 TFLOP/s).
+Bandwidth assumptions (per device, one direction; printed with the result):
+  TPU v5p: 3D-torus ICI, 4,800 Gbit/s per chip = 600 GB/s in total; we assume 200 GB/s usable by
+    one ring collective (one torus dimension, both directions), bf16 peak 459 TFLOP/s.
+  H100 SXM: NVLink 450 GB/s per direction inside a node of 8; between nodes InfiniBand NDR,
+    400 Gbit/s = 50 GB/s per GPU, with NCCL's hierarchical algorithms sending 1/8 of each tensor
+    over each GPU's NIC (bf16 peak 989 TFLOP/s).
+XLA:CPU lowers FSDP's gradient reduction as all-reduce + dynamic-slice, which the GPU and TPU
+pipelines rewrite into a reduce-scatter; with an FSDP axis, all-reduce bytes count once, not twice.
 """
 
 import os
@@ -59,17 +61,33 @@ import numpy as np  # noqa: E402
 _DTYPE_BYTES = {'bf16': 2, 'f16': 2, 'f32': 4, 'f64': 8, 's32': 4, 'u32': 4, 's8': 1, 'u8': 1}
 _DTYPE_BYTES.update({'pred': 1, 's64': 8, 'u64': 8})
 _COLLECTIVE = re.compile(
-  r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
+  r'=\s*(?P<shape>\([^()]*\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
   r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
 )
 _ARRAY = re.compile(r'([a-z]+[0-9]*)\[([0-9,]*)\]')
 _IOTA_GROUPS = re.compile(r'replica_groups=\[(\d+),(\d+)\]<=')
 _LIST_GROUPS = re.compile(r'replica_groups=\{\{([0-9,]*)\}')
+# Newer XLA prints mesh-style groups: replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}.
+_MESH_GROUPS = re.compile(r'replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}')
 
-# (name, bf16 peak TFLOP/s, assumed ring bandwidth GB/s per device, devices)
+# Per device. TPU v5p: a slice's ICI is the one network (devices_per_node = the slice).
 TARGETS = (
-  ('256 x TPU v5p', 459.0, 200.0, 256),
-  ('64 x H100 SXM (8 nodes)', 989.0, 50.0, 64),
+  {
+    'name': '256 x TPU v5p',
+    'peak_tflops': 459.0,
+    'devices': 256,
+    'devices_per_node': 256,
+    'intra_gb_s': 200.0,
+    'inter_gb_s': 200.0,
+  },
+  {
+    'name': '64 x H100 SXM (8 nodes of 8)',
+    'peak_tflops': 989.0,
+    'devices': 64,
+    'devices_per_node': 8,
+    'intra_gb_s': 450.0,
+    'inter_gb_s': 50.0,
+  },
 )
 
 
@@ -82,6 +100,11 @@ def _bytes_of(shape: str) -> int:
 
 
 def _group_size(line: str, default: int) -> int:
+  m = _MESH_GROUPS.search(line)
+  if m:
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    axes = re.findall(r"'(\w+)'", m.group(2))
+    return int(np.prod([int(sizes[a]) for a in axes])) if axes else 1
   m = _IOTA_GROUPS.search(line)
   if m:
     return int(m.group(2))
@@ -91,26 +114,58 @@ def _group_size(line: str, default: int) -> int:
   return default
 
 
-def collective_bytes(hlo_text: str, num_devices: int) -> dict[str, float]:
-  """Bytes each device sends per step, by collective kind, from optimised HLO text."""
-  out: dict[str, float] = {}
+def collectives(hlo_text: str, num_devices: int) -> list[tuple[str, int, int]]:
+  """(op, group size n, full tensor bytes S) for every collective in optimised HLO text.
+
+  S is the unsharded size the collective moves: the all-gather's result, n x the
+  reduce-scatter's result, the all-reduce's operand.
+  """
+  out = []
   for line in hlo_text.splitlines():
     m = _COLLECTIVE.search(line)
     if not m or '-done' in line.split('=')[0]:
       continue
     op, size = m.group('op'), _bytes_of(m.group('shape'))
     n = _group_size(line, num_devices)
-    if n <= 1:
-      continue
-    sent = {
-      'all-gather': (n - 1) / n * size,
-      'reduce-scatter': (n - 1) * size,
-      'all-reduce': 2 * (n - 1) / n * size,
-      'all-to-all': (n - 1) / n * size,
-      'collective-permute': float(size),
-    }[op]
-    out[op] = out.get(op, 0.0) + sent
+    if n > 1:
+      out.append((op, n, size * n if op == 'reduce-scatter' else size))
   return out
+
+
+def ring_factor(op: str, fsdp: bool) -> float:
+  """Multiples of (n-1)/n x S each device sends in a ring implementation of `op`.
+
+  XLA:CPU lowers FSDP's gradient reduction as all-reduce + dynamic-slice; the GPU and TPU
+  pipelines rewrite that pair into a reduce-scatter, so with an FSDP axis all-reduce counts once.
+  """
+  return {'all-reduce': 1.0 if fsdp else 2.0}.get(op, 1.0)
+
+
+def collective_bytes(records, fsdp: bool) -> dict[str, float]:
+  """Bytes each device sends per step by kind (ring algorithms)."""
+  out: dict[str, float] = {}
+  for op, n, size in records:
+    out[op] = out.get(op, 0.0) + ring_factor(op, fsdp) * (n - 1) / n * size
+  return out
+
+
+def comm_seconds(records, fsdp: bool, target: dict) -> float:
+  """Time of the step's collectives on `target`, one after the other (no overlap).
+
+  One bandwidth inside a node (or a whole TPU slice); across nodes NCCL's hierarchical
+  algorithms send only 1/gpus_per_node of each tensor over each GPU's own NIC.
+  """
+  t = 0.0
+  per_node = target['devices_per_node']
+  for op, n, size in records:
+    f = ring_factor(op, fsdp)
+    if n <= per_node:
+      t += f * (n - 1) / n * size / (target['intra_gb_s'] * 1e9)
+    else:
+      nodes = n / per_node
+      t += f * (per_node - 1) / per_node * size / (target['intra_gb_s'] * 1e9)
+      t += f * (nodes - 1) / nodes * size / per_node / (target['inter_gb_s'] * 1e9)
+  return t
 
 
 def main(argv):
@@ -148,40 +203,47 @@ def main(argv):
       c.mesh.data, c.mesh.fsdp = data, fsdp
       mesh = sharding.make_mesh(c)
       setup = trainer.make_sharded_step(c, mesh, steps_per_epoch=1000)
-      hlo = setup.lower(c, spec).compile().as_text()
-      per_depth[depth] = collective_bytes(hlo, n)
-    kinds = set(per_depth[2]) | set(per_depth[4])
-    total = {}
-    for k in kinds:
-      b2, b4 = per_depth[2].get(k, 0.0), per_depth[4].get(k, 0.0)
-      total[k] = b2 + (b4 - b2) / 2 * (depth_real - 2)  # affine in depth
+      per_depth[depth] = collectives(setup.lower(c, spec).compile().as_text(), n)
+
+    # Affine in depth: the real depth's collectives = depth-2 ones + (d - 2)/2 x the added ones.
+    # Records are scaled by weighting their sizes; extrapolate by kind, group and size.
+    def counts(records):
+      out = {}
+      for r in records:
+        out[r] = out.get(r, 0) + 1
+      return out
+
+    c2, c4 = counts(per_depth[2]), counts(per_depth[4])
+    records = []
+    for r in set(c2) | set(c4):
+      k = c2.get(r, 0) + (c4.get(r, 0) - c2.get(r, 0)) / 2 * (depth_real - 2)
+      records.append((r[0], r[1], r[2] * k))
+    is_fsdp = fsdp > 1
+    total = collective_bytes(records, is_fsdp)
     comm = sum(total.values())
     row = {'bytes_per_device_per_step': total, 'total_gb': comm / 1e9}
-    for target, peak_tflops, bw, devices in TARGETS:
-      t_compute = per_device_flops / (peak_tflops * 1e12 * _MFU.value)
-      t_comm = comm / (bw * 1e9)
-      row[target] = {
+    for target in TARGETS:
+      t_compute = per_device_flops / (target['peak_tflops'] * 1e12 * _MFU.value)
+      t_comm = comm_seconds(records, is_fsdp, target)
+      row[target['name']] = {
         't_compute_s': t_compute,
         't_comm_s': t_comm,
         'efficiency_overlapped': t_compute / max(t_compute, t_comm),
         'efficiency_serial': t_compute / (t_compute + t_comm),
         'images_per_s_per_device': _BATCH.value / max(t_compute, t_comm),
-        'devices': devices,
       }
     results[name] = row
-    print(f'{name}: {comm / 1e9:.2f} GB sent per device per step ({", ".join(sorted(kinds))})')
-    for target, *_ in TARGETS:
-      r = row[target]
+    print(f'{name}: {comm / 1e9:.2f} GB sent per device per step ({", ".join(sorted(total))})')
+    for target in TARGETS:
+      r = row[target['name']]
       print(
-        f'  {target:<26} compute {r["t_compute_s"] * 1e3:7.1f} ms, comm {r["t_comm_s"] * 1e3:7.1f}'
-        f' ms -> efficiency {100 * r["efficiency_overlapped"]:.0f}% overlapped, '
-        f'{100 * r["efficiency_serial"]:.0f}% serial'
+        f'  {target["name"]:<30} compute {r["t_compute_s"] * 1e3:7.1f} ms, comm '
+        f'{r["t_comm_s"] * 1e3:7.1f} ms -> efficiency {100 * r["efficiency_overlapped"]:.0f}% '
+        f'overlapped, {100 * r["efficiency_serial"]:.0f}% serial'
       )
   results['assumptions'] = {
     'mfu_of_datasheet_peak': _MFU.value,
-    'targets': [
-      dict(zip(('name', 'peak_tflops', 'ring_gb_s', 'devices'), t, strict=True)) for t in TARGETS
-    ],
+    'targets': list(TARGETS),
   }
   print('RESULT ' + json.dumps(results))
 
