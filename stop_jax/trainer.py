@@ -386,7 +386,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'nonfinite_skipped': skipped,
     }
 
-  batches = input_pipeline.create_train_iterator(config, plan.mask_spec, start_step=start_step)
+  # Batches become global arrays on the devices two steps ahead, in a background thread.
+  batches = input_pipeline.prefetch_to_device(
+    input_pipeline.create_train_iterator(config, plan.mask_spec, start_step=start_step),
+    batch_sh,
+    size=2,
+  )
   logger = MetricLogger(workdir, plan.total_steps, config.data.global_batch_size, write=is_main)
   watcher = checkpointing.PreemptionWatcher()
   t0 = time.perf_counter()
@@ -425,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   try:
     for step in range(start_step, plan.total_steps):
-      batch = to_global(next(batches), batch_sh)
+      batch = next(batches)
       state, metrics = step_fn(state, batch, step_rng)
       done = step + 1
       if step == start_step:
@@ -456,6 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.wait()
   finally:
     watcher.close()
+    batches.close()
 
   if preempted_at is not None:
     logging.warning(
