@@ -59,11 +59,16 @@ def flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 def describe_mismatch(saved: dict, expected: dict, limit: int = 20) -> list[str]:
   """Human-readable differences between two flat_shapes() dicts (dtype changes are allowed)."""
   lines = []
-  for k in sorted(expected.keys() - saved.keys()):
+
+  # Params first: the optimiser's moments mirror them and would only repeat the story.
+  def order(keys):
+    return sorted(keys, key=lambda k: (not k.startswith('params/'), k))
+
+  for k in order(expected.keys() - saved.keys()):
     lines.append(f'missing in checkpoint: {k} {list(expected[k][0])}')
-  for k in sorted(saved.keys() - expected.keys()):
+  for k in order(saved.keys() - expected.keys()):
     lines.append(f'not in this model: {k} {list(saved[k][0])}')
-  for k in sorted(saved.keys() & expected.keys()):
+  for k in order(saved.keys() & expected.keys()):
     if saved[k][0] != expected[k][0]:
       lines.append(f'shape of {k}: checkpoint {list(saved[k][0])}, model {list(expected[k][0])}')
   if len(lines) > limit:
@@ -122,7 +127,10 @@ class Checkpointer:
     errors = []
     for step in steps:
       try:
-        saved = flat_shapes(self.manager.item_metadata(step)[STATE])
+        metadata = self.manager.item_metadata(step)[STATE]
+        if metadata is None:  # orbax returns None when the item's metadata file is missing
+          raise FileNotFoundError('no metadata for the state item')
+        saved = flat_shapes(metadata)
       except Exception as e:  # noqa: BLE001 (any unreadable metadata means a damaged step)
         errors.append(f'step {step}: unreadable metadata ({type(e).__name__}: {e})')
         logging.warning('checkpoint at step %d is unreadable (%s); trying an older one', step, e)

@@ -430,11 +430,23 @@ def write_converted(output: str, config: ml_collections.ConfigDict, params: dict
     tree['params'] = model
   if 'target_encoder' in params:
     tree['target_params'] = params['target_encoder']
+  # The layout of a training run's checkpoints (checkpointing.STATE / META items), so every
+  # tool that reads runs reads converted weights too.
   manager = ocp.CheckpointManager(
     os.path.abspath(os.path.join(output, 'checkpoints')),
+    item_names=(checkpointing.STATE, checkpointing.META),
     options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
   )
-  manager.save(0, args=ocp.args.StandardSave(tree), force=True)
+  manager.save(
+    0,
+    args=ocp.args.Composite(
+      **{
+        checkpointing.STATE: ocp.args.StandardSave(tree),
+        checkpointing.META: ocp.args.JsonSave({'step': 0, 'converted_from': info}),
+      }
+    ),
+    force=True,
+  )
   manager.wait_until_finished()
   manager.close()
   with open(os.path.join(output, 'config.json'), 'w') as f:

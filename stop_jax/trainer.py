@@ -459,6 +459,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       check_finite(*pending_check)
     last_metrics = logger.flush_pending()
     ckpt.wait()
+  except BaseException:
+    # Leave no orbax threads or open event files behind in a notebook or test process.
+    ckpt.close()
+    logger.close()
+    raise
   finally:
     watcher.close()
     batches.close()
