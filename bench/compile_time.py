@@ -12,20 +12,10 @@ depths) unrolled, and prints seconds per compile plus one `RESULT {json}` line. 
 import os
 import sys
 
-
-def _force_devices(argv):
-  n = 8
-  for a in argv:
-    if a.startswith('--num_devices='):
-      n = int(a.split('=', 1)[1])
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={n}'
-  )
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-
-_force_devices(sys.argv)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stop_jax import host_devices  # noqa: E402
+
+host_devices.simulate_from_argv(sys.argv, default=8)
 
 import json  # noqa: E402
 import time  # noqa: E402

@@ -37,21 +37,11 @@ import os
 import re
 import sys
 
-
-def _force_devices(argv):
-  n = 64
-  for a in argv:
-    if a.startswith('--num_devices='):
-      n = int(a.split('=', 1)[1])
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={n}'
-  )
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stop_jax import host_devices  # noqa: E402
 
 if __name__ == '__main__':
-  _force_devices(sys.argv)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  host_devices.simulate_from_argv(sys.argv, default=64)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json  # noqa: E402

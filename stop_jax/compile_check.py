@@ -15,23 +15,12 @@ does not run the accelerator's rematerialisation pass); the state bytes are exac
 """
 
 # The device count must be fixed before JAX initialises its backends, i.e. before `import jax`.
-import os
 import sys
 
-
-def _force_devices_from_argv(argv):
-  n = 8
-  for a in argv:
-    if a.startswith('--num_devices='):
-      n = int(a.split('=', 1)[1])
-  flags = os.environ.get('XLA_FLAGS', '')
-  if 'xla_force_host_platform_device_count' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={n}'.strip()
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
+from stop_jax import host_devices
 
 if __name__ == '__main__':
-  _force_devices_from_argv(sys.argv)
+  host_devices.simulate_from_argv(sys.argv, default=8)
 
 import json  # noqa: E402
 import time  # noqa: E402
