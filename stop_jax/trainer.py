@@ -407,11 +407,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     skipped += 1
     consecutive += 1
     last = ckpt.last_saved_step
-    where = (
-      f'the last good checkpoint is step {last} in {ckpt.directory}'
-      if last
-      else ('no checkpoint was saved yet')
-    )
+    if last:
+      where = f'the last good checkpoint is step {last} in {ckpt.directory}'
+    else:
+      where = 'no checkpoint was saved yet'
     if config.on_nonfinite == 'stop' or consecutive >= config.max_consecutive_skips:
       ckpt.wait()
       reason = (
