@@ -88,6 +88,9 @@ class Checkpointer:
     c = config.checkpoint
     self.every_steps = c.every_steps
     self.every_seconds = 60.0 * c.every_minutes
+    # The clock is read only at logging steps: with several hosts the decision is a broadcast,
+    # and a collective on every step would sync the host with the devices each step.
+    self.time_check_every = config.log_every_steps
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     keep = [pp.LatestN(n=c.keep)]
     if c.keep_every > 0:
@@ -174,13 +177,14 @@ class Checkpointer:
   def due(self, step: int, final: bool = False) -> bool:
     """Whether `step` should be saved: final, every N steps, or every M minutes.
 
-    The time rule is decided by process 0 and broadcast, so all hosts save the same steps.
+    The time rule is checked at logging steps only, decided by process 0 and broadcast, so all
+    hosts save the same steps.
     """
     if final:
       return True
     if self.every_steps > 0 and step % self.every_steps == 0:
       return True
-    if self.every_seconds <= 0:
+    if self.every_seconds <= 0 or step % self.time_check_every:
       return False
     late = time.monotonic() - self._last_save_time >= self.every_seconds
     if jax.process_count() > 1:

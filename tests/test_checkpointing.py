@@ -354,3 +354,9 @@ def test_every_minutes_saves_by_time(tmp_path):
   _train(_config(9, every_steps=0, every_minutes=0.001, keep=100), tmp_path)
   steps = _steps(tmp_path)
   assert steps[-1] == 9 and len(steps) > 1, steps
+  # The clock is only read at logging steps (no per-step host sync): saves land on them.
+  config = _config(9, every_steps=0, every_minutes=0.001, keep=100)
+  config.log_every_steps = 3
+  _train(config, tmp_path / 'every3')
+  steps = _steps(tmp_path / 'every3')
+  assert steps == [3, 6, 9], steps
