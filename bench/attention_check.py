@@ -17,7 +17,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stop_jax import models, train  # noqa: E402
@@ -31,10 +30,7 @@ def loss_and_grads(config, batch):
   params = train.init_params(encoder, predictor, config, jax.random.key(0))
   target = params['encoder']
   feats = train.target_features(encoder, target, batch['image'])
-  n = batch['tgt_idx'].shape[0]
-  targets = jnp.take_along_axis(
-    jnp.broadcast_to(feats[None], (n,) + feats.shape), batch['tgt_idx'][..., None], axis=2
-  )
+  targets = train.gather_targets(feats, batch['tgt_idx'])
 
   def loss_fn(p):
     ctx = encoder.apply(

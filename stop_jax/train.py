@@ -160,6 +160,14 @@ def target_features(encoder, target_params, images, num_layers: int = 1):
   return jax.lax.stop_gradient(out)
 
 
+def gather_targets(feats, tgt_idx):
+  """Each target block's tokens of the target features. [B, N, D], int [n, B, Kt] -> [n, B, Kt, D]."""
+  n = tgt_idx.shape[0]
+  return jnp.take_along_axis(
+    jnp.broadcast_to(feats[None], (n,) + feats.shape), tgt_idx[..., None], axis=2
+  )
+
+
 def prediction_loss(pred, target, valid, kind: str = 'smooth_l1'):
   """Mean over valid target tokens and features.
 
@@ -199,10 +207,7 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
     stop_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 0)  # the 'stop' stream
     images = batch['image']
     feats = target_features(encoder, state.target_params, images, num_target_layers)
-    n = batch['tgt_idx'].shape[0]
-    targets = jnp.take_along_axis(
-      jnp.broadcast_to(feats[None], (n,) + feats.shape), batch['tgt_idx'][..., None], axis=2
-    )  # [n, B, Kt, D]
+    targets = gather_targets(feats, batch['tgt_idx'])  # [n, B, Kt, D]
 
     def loss_fn(params):
       ctx = encoder.apply(
