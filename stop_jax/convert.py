@@ -60,6 +60,10 @@ _LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
 _BLOCK_KEY = re.compile(r'^(\w*blocks)\.(\d+)\.(.+)$')
 
 
+# Marks a directory written by this module (beside config.json and checkpoints/0).
+CONVERSION_FILE = 'conversion.json'
+
+
 class ConversionError(ValueError):
   """A checkpoint that does not fit the config, or a file that is not an official checkpoint."""
 
@@ -451,7 +455,7 @@ def write_converted(output: str, config: ml_collections.ConfigDict, params: dict
   manager.close()
   with open(os.path.join(output, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(output, 'conversion.json'), 'w') as f:
+  with open(os.path.join(output, CONVERSION_FILE), 'w') as f:
     json.dump({**info, 'parts': sorted(params)}, f, indent=2)
 
 

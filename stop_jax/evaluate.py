@@ -72,6 +72,9 @@ def _encoder_params(params: dict, path: str) -> dict:
 
 def load_model(path: str, step: int | None = None) -> LoadedModel:
   """Loads the target encoder of a run, an export or a converted official checkpoint."""
+  # A converted directory also has checkpoints/0, so it is recognised first by its marker.
+  if os.path.exists(os.path.join(path, 'conversion.json')):  # convert.CONVERSION_FILE
+    return _load_converted(path, step)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
     config = export.load_run_config(path)
     step, tree = checkpointing.load_checkpoint(path, step)
@@ -85,13 +88,17 @@ def load_model(path: str, step: int | None = None) -> LoadedModel:
     return LoadedModel(config, params, saved_step, 'export', path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f'--workdir={path} does not exist.')
+  raise FileNotFoundError(
+    f'{path} is neither a run (no checkpoints/), an export (no {export.INFO_FILE}) nor a '
+    'converted checkpoint (no conversion.json).'
+  )
+
+
+def _load_converted(path: str, step: int | None) -> LoadedModel:
   try:
     from stop_jax import convert  # noqa: PLC0415 (optional: needs the converter's extras)
   except ImportError as e:
-    raise FileNotFoundError(
-      f'{path} is neither a run (no checkpoints/) nor an export (no {export.INFO_FILE}), and '
-      f'converted checkpoints cannot be read here ({e}).'
-    ) from None
+    raise FileNotFoundError(f'converted checkpoints cannot be read here ({e}).') from None
   config, params = convert.load_converted(path)
   if step is not None:
     raise ValueError(f'--step={step} does not apply to the converted checkpoint in {path}.')

@@ -120,13 +120,13 @@ def knn_eval(config, encoder, params) -> dict:
   """
   e = config.eval
   extractor = features.FeatureExtractor(encoder, params, e.batch_size, ('last',))
-  data = {}
+  data, specs = {}, {}
   for role in ('train', 'test'):
-    spec = eval_input.from_run_config(config, role, e.knn_max_examples)
-    batches = eval_input.eval_batches(spec, extractor.global_batch)
+    specs[role] = eval_input.from_run_config(config, role, e.knn_max_examples)
+    batches = eval_input.eval_batches(specs[role], extractor.global_batch)
     feats, labels = features.extract_from_batches(extractor, batches)
     data[role] = (feats['last'], labels)
-  num_classes = eval_input.num_classes(spec)
+  num_classes = eval_input.num_classes(specs['train'])  # the classes the neighbours vote for
   res = knn_accuracy(*data['train'], *data['test'], num_classes, e.knn_k, e.knn_temperature)
   logging.info('k-NN (k=%d, T=%g): top-1 %.2f%%', res['k'], e.knn_temperature, 100 * res['top1'])
   return {f'knn_{k}': v for k, v in res.items()}

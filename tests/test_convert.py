@@ -467,6 +467,15 @@ def test_cli_end_to_end(tmp_path):
   with torch.no_grad():
     theirs = mods['target_encoder'](torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
   assert_rel_close(ours, theirs)
+  # stop_jax.evaluate reads the directory as a converted checkpoint (not as a training run,
+  # although it has checkpoints/0 too), with the target encoder's params.
+  from stop_jax import evaluate  # noqa: PLC0415
+
+  loaded = evaluate.load_model(out)
+  assert loaded.source == 'converted' and loaded.step is None
+  np.testing.assert_array_equal(
+    loaded.params['norm']['scale'], params['target_encoder']['norm']['scale']
+  )
   # A second conversion into the same directory is refused before anything is read.
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0 and 'already holds config.json' in proc.stderr
