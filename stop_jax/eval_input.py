@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from stop_jax import config_base
+from stop_jax import config_base, input_pipeline
 from stop_jax.input_pipeline import MEAN_RGB, STD_RGB, DatasetNotReadyError, load_eval_arrays
 
 SOURCES = config_base.EVAL_SOURCES
@@ -50,7 +50,6 @@ SYNTHETIC_SIZE = 48  # Generated images are this square size before the transfor
 SYNTHETIC_DEFAULT_EXAMPLES = {'train': 10_000, 'test': 2_000}
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision default).
 _RRC_ATTEMPTS = 10  # As torchvision: keep the whole image after this many misses.
-_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _SHUFFLE_BUFFER = 10_000
 
 
@@ -69,6 +68,8 @@ class EvalData:
     center_crop: False resizes un-augmented images whole to image_size (no crop).
     max_examples: first N examples of the split (-1 = all).
     digits_upscale: digits only, how 8x8 digits are upscaled (config.data.digits_upscale).
+    class_split: folder only, the split whose sorted class directories define the labels (the
+      train split, so every split labels alike); '' = split itself.
   """
 
   source: str
@@ -81,6 +82,7 @@ class EvalData:
   center_crop: bool = True
   max_examples: int = -1
   digits_upscale: str = 'bilinear'
+  class_split: str = ''
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -116,6 +118,7 @@ def from_eval_config(config, role: str, image_size: int) -> EvalData:
     center_crop=bool(e.center_crop),
     max_examples=e.max_train_examples if role == 'train' else e.max_test_examples,
     digits_upscale=config.data.digits_upscale,
+    class_split=e.train_split,
   )
 
 
@@ -136,6 +139,7 @@ def from_run_config(config, role: str, max_examples: int) -> EvalData:
     image_size=config.model.image_size,
     max_examples=max_examples,
     digits_upscale=d.digits_upscale,
+    class_split=d.train_split,
   )
 
 
@@ -292,24 +296,14 @@ def _tfds_raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None):
   )
 
 
-@functools.lru_cache(maxsize=8)
-def _folder_index(root: str, split: str) -> tuple[tuple[str, ...], tuple[int, ...], int]:
-  """(sorted file paths, their class indices, number of classes) of <root>/<split>/<class>/*."""
-  directory = os.path.join(root, split)
-  if not os.path.isdir(directory):
-    raise DatasetNotReadyError(
-      f'no folder {directory}: source=folder expects <data_dir>/<split>/<class>/<image>.'
-    )
-  classes = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    for f in sorted(os.listdir(os.path.join(directory, name))):
-      if f.lower().endswith(_IMAGE_EXTENSIONS):
-        paths.append(os.path.join(directory, name, f))
-        labels.append(label)
-  if not paths:
-    raise DatasetNotReadyError(f'{directory} holds no images in <class>/ subfolders.')
-  return tuple(paths), tuple(labels), len(classes)
+def _folder_index(spec: EvalData) -> tuple[np.ndarray, np.ndarray, int]:
+  """(sorted file paths, labels, number of classes) of <data_dir>/<split>/<class>/*.
+
+  The pretraining pipeline's folder reader: labels index the class_split's sorted classes.
+  """
+  root, class_split = os.path.abspath(spec.data_dir), spec.class_split or spec.split
+  paths, labels = input_pipeline._folder_files(root, spec.split, class_split)
+  return paths, labels, len(input_pipeline._folder_classes(root, class_split))
 
 
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
@@ -353,8 +347,12 @@ def _raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None = None
     return _tfds_raw(spec, index, count, shuffle_seed)
   limit = None if spec.max_examples < 0 else spec.max_examples
   if spec.source == 'folder':
-    paths, labels, _ = _folder_index(os.path.abspath(spec.data_dir), spec.split)
-    ds = tf.data.Dataset.from_tensor_slices((list(paths[:limit]), list(labels[:limit])))
+    paths, labels, _ = _folder_index(spec)
+    if limit is not None and limit < len(paths):
+      # A fixed random subset: the listing is sorted by class, so its head would miss classes.
+      keep = np.sort(np.random.default_rng(0).permutation(len(paths))[:limit])
+      paths, labels = paths[keep], labels[keep]
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     ds = ds.shard(count, index)
     return ds.map(
       lambda p, y: (_to_rgb_float(_decode_file(p)), tf.cast(y, tf.int32)),
@@ -383,7 +381,7 @@ def num_classes(spec: EvalData) -> int:
   if spec.source == 'synthetic':
     return SYNTHETIC_NUM_CLASSES
   if spec.source == 'folder':
-    return _folder_index(os.path.abspath(spec.data_dir), spec.split)[2]
+    return _folder_index(spec)[2]
   features = _tfds_builder(spec).info.features
   if 'label' not in features or not hasattr(features['label'], 'num_classes'):
     raise ValueError(f'tfds {spec.name!r} has no class label feature; set eval.label.')
@@ -399,7 +397,7 @@ def num_examples(spec: EvalData) -> int:
     _check_split(spec)
     return _synthetic_count(spec)
   elif spec.source == 'folder':
-    n = len(_folder_index(os.path.abspath(spec.data_dir), spec.split)[0])
+    n = len(_folder_index(spec)[0])
   else:
     splits = _tfds_builder(spec).info.splits
     try:

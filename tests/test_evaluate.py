@@ -292,6 +292,20 @@ def test_folder_source(tmp_path):
   np.testing.assert_array_equal(b['label'], [0, 0, 1, 1])
   red = (1.0 - eval_input.MEAN_RGB[0]) / eval_input.STD_RGB[0]
   np.testing.assert_allclose(b['image'][0, ..., 0], red, atol=1e-4)
+  # A split missing a class keeps the train split's label indices (no silent shift).
+  os.makedirs(tmp_path / 'partial' / 'class1')
+  img = np.zeros((20, 30, 3), np.uint8)
+  tf.io.write_file(str(tmp_path / 'partial' / 'class1' / '0.png'), tf.io.encode_png(img))
+  spec = eval_input.EvalData(
+    'folder', data_dir=str(tmp_path), split='partial', image_size=8, class_split='train'
+  )
+  assert eval_input.num_classes(spec) == 2
+  (b,) = list(eval_input.eval_batches(spec, 1))
+  np.testing.assert_array_equal(b['label'], [1])
+  # A limit takes a spread of classes, not the head of the class-sorted listing.
+  spec = eval_input.EvalData('folder', data_dir=str(tmp_path), split='train', max_examples=3)
+  labels = np.concatenate([x['label'][x['valid']] for x in eval_input.eval_batches(spec, 3)])
+  assert len(labels) == 3 and sorted(set(labels.tolist())) == [0, 1]
 
 
 def test_linear_heads_train_independently(encoder_and_params):
