@@ -50,50 +50,6 @@ METRIC_LABELS = {
 # Runs and configs.
 
 
-def config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """A locked config: `base_config()` updated with `values` (e.g. a run's config.json).
-
-  JSON has no tuples, so a list is turned back into a tuple where the base value is one.
-
-  Raises:
-    config_base.ConfigError naming the key that base_config() lacks or whose type differs.
-  """
-  config = config_base.base_config()
-  _update(config, values, '')
-  return config_base.lock(config)
-
-
-def _update(config: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str):
-  for key, value in values.items():
-    name = prefix + key
-    if key not in config:
-      raise config_base.ConfigError(
-        f'config.{name} is not a key of base_config(): was the run made by another version '
-        'of stop_jax?'
-      )
-    current = config[key]
-    if isinstance(current, ml_collections.ConfigDict):
-      if not isinstance(value, Mapping):
-        raise config_base.ConfigError(f'config.{name}={value!r} should be a group of keys.')
-      _update(current, value, name + '.')
-      continue
-    if isinstance(current, tuple) and isinstance(value, list):
-      value = tuple(value)
-    try:
-      config[key] = value
-    except TypeError as e:
-      raise config_base.ConfigError(f'config.{name}={value!r}: {e}') from e
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The locked config of a run, rebuilt from `workdir/config.json`."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: {workdir!r} is not a stop_jax run directory.')
-  with open(path) as f:
-    return config_from_dict(json.load(f))
-
-
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir/checkpoints` holds a finished checkpoint (orbax names them by step)."""
   directory = os.path.join(workdir, 'checkpoints')
@@ -137,7 +93,7 @@ class Run:
 
 def load_run(workdir: str, step: int | None = None) -> Run:
   """Config and checkpoint (the latest one, or `step`) of a run directory."""
-  config = load_config(workdir)
+  config = config_base.load_json(workdir)
   step, tree = checkpointing.load_checkpoint(workdir, step)
   # Params may carry logical-partitioning boxes; analysis only needs the arrays.
   params = nn.meta.unbox(tree['params'])
@@ -629,7 +585,7 @@ def regularisation_table(
     raise ValueError(f'last={last}: expected >= 1.')
   rows = []
   for workdir in workdirs:
-    config = load_config(workdir)
+    config = config_base.load_json(workdir)
     metrics = read_metrics(workdir)
     row = {'workdir': workdir, 'mode': config.stop.mode, 'sigma': float(config.stop.sigma)}
     for key in keys:
@@ -674,7 +630,7 @@ def plot_metric_curves(workdirs: Sequence[str], keys: Sequence[str] = ('A_norm',
   """
   fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
   for workdir in workdirs:
-    config = load_config(workdir)
+    config = config_base.load_json(workdir)
     rows = read_metrics(workdir)
     label = rf'$\sigma$={config.stop.sigma:g} ({config.stop.mode})'
     for ax, key in zip(axes[0], keys, strict=True):

@@ -7,9 +7,12 @@ turns every value a user can set into an early, named error before anything is c
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import ml_collections
+from absl import logging
 
 # The official ViT table (I-JEPA `vision_transformer.py`): width, depth, heads, mlp ratio.
 VIT_VARIANTS = {
@@ -215,6 +218,55 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Freezes the set of keys: assigning a key that base_config() did not declare raises."""
   config.lock()
   return config
+
+
+def from_dict(values: dict, strict: bool = True) -> ml_collections.ConfigDict:
+  """A locked config: `base_config()` updated with saved values (e.g. a run's config.json).
+
+  JSON has no tuples, so a list becomes a tuple where the base value is one. A key that
+  base_config() does not declare is a ConfigError when strict, else skipped with a warning (a
+  run saved by an older version stays loadable); keys the values lack keep their defaults.
+
+  Raises:
+    ConfigError naming the key that is unknown (strict) or whose value has the wrong type.
+  """
+  config = base_config()
+
+  def update(node: ml_collections.ConfigDict, saved: dict, prefix: str):
+    for key, value in saved.items():
+      name = prefix + key
+      if key not in node:
+        if strict:
+          raise ConfigError(
+            f'config.{name} is not a key of base_config(): was it saved by another version?'
+          )
+        logging.warning('saved config key %s is unknown here; ignored.', name)
+        continue
+      if isinstance(node[key], ml_collections.ConfigDict):
+        if not isinstance(value, dict):
+          raise ConfigError(f'config.{name}={value!r} should be a group of keys.')
+        update(node[key], value, name + '.')
+        continue
+      if isinstance(node[key], tuple) and isinstance(value, list):
+        value = tuple(value)
+      try:
+        node[key] = value
+      except TypeError as e:
+        raise ConfigError(f'config.{name}={value!r}: {e}') from e
+
+  update(config, values, '')
+  return lock(config)
+
+
+def load_json(directory: str, strict: bool = False) -> ml_collections.ConfigDict:
+  """The locked config saved as `<directory>/config.json` by a run, an export or a conversion."""
+  path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+      f'{path} not found: {directory!r} is not a run, export or converted-checkpoint directory.'
+    )
+  with open(path) as f:
+    return from_dict(json.load(f), strict=strict)
 
 
 def parse_arg(arg: str | None, **defaults):

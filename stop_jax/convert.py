@@ -459,24 +459,6 @@ def write_converted(output: str, config: ml_collections.ConfigDict, params: dict
     json.dump({**info, 'parts': sorted(params)}, f, indent=2)
 
 
-def config_from_json(values: Mapping, base: ml_collections.ConfigDict | None = None, prefix=''):
-  """A locked config: base_config() with the values of a written config.json.
-
-  Keys that base_config() does not declare are errors (a config written by other code); keys
-  it declares but the file lacks keep their defaults (a config written by an older version).
-  """
-  top = base is None
-  base = config_base.base_config() if top else base
-  for key, value in values.items():
-    if key not in base:
-      raise ConversionError(f'config.json key {prefix}{key!r} is not a config key of this version.')
-    if isinstance(base[key], ml_collections.ConfigDict):
-      config_from_json(value, base[key], f'{prefix}{key}.')
-    else:
-      base[key] = tuple(value) if isinstance(base[key], tuple) else value
-  return config_base.lock(base) if top else base
-
-
 def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:
   """Reads what `python -m stop_jax.convert --output=DIR` wrote.
 
@@ -484,11 +466,7 @@ def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict[str,
     (config, params) with params a subset of {'encoder', 'predictor', 'target_encoder'}: host
     param trees for `apply({'params': tree}, ...)` of the models built from config.
   """
-  path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: is {directory} an output of stop_jax.convert?')
-  with open(path) as f:
-    config = config_from_json(json.load(f))
+  config = config_base.load_json(directory)
   _, tree = checkpointing.load_checkpoint(directory)
   params = dict(tree.get('params', {}))
   if 'target_params' in tree:

@@ -76,7 +76,7 @@ def load_model(path: str, step: int | None = None) -> LoadedModel:
   if os.path.exists(os.path.join(path, 'conversion.json')):  # convert.CONVERSION_FILE
     return _load_converted(path, step)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    config = export.load_run_config(path)
+    config = config_base.load_json(path)
     step, tree = checkpointing.load_checkpoint(path, step)
     return LoadedModel(config, tree['target_params'], int(step), 'checkpoint', path)
   if export.is_export_dir(path):

@@ -34,36 +34,6 @@ FORMAT = 'stop_jax.export/1'
 _BFLOAT16 = 'bfloat16'  # np.savez keeps bfloat16 only as raw bytes: stored as a uint16 view.
 
 
-def config_from_dict(values: dict) -> ml_collections.ConfigDict:
-  """base_config() updated with a saved config (e.g. a run's config.json), then locked.
-
-  Keys the current code no longer declares are skipped with a warning (a run from an older
-  version stays loadable); keys it lacks keep their defaults.
-  """
-  config = config_base.base_config()
-
-  def update(node: ml_collections.ConfigDict, saved: dict, prefix: str):
-    for key, value in saved.items():
-      if key not in node:
-        logging.warning('saved config key %s%s is unknown here; ignored.', prefix, key)
-      elif isinstance(node[key], ml_collections.ConfigDict):
-        update(node[key], value, f'{prefix}{key}.')
-      else:
-        node[key] = tuple(value) if isinstance(value, list) else value
-
-  update(config, values, '')
-  return config_base.lock(config)
-
-
-def load_run_config(directory: str) -> ml_collections.ConfigDict:
-  """The config saved next to a run or an export (`<directory>/config.json`)."""
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'no {CONFIG_FILE} in {directory}: not a run or export directory.')
-  with open(path) as f:
-    return config_from_dict(json.load(f))
-
-
 def flatten_params(params) -> dict[str, np.ndarray]:
   """{'a': {'b': x}} -> {'a/b': host array x}."""
   out = {}
@@ -136,12 +106,12 @@ def load_exported(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
   bf16 = set(info.get('bfloat16_params', ()))
   with np.load(os.path.join(directory, PARAMS_FILE)) as data:
     flat = {k: (data[k].view(jax.numpy.bfloat16) if k in bf16 else data[k]) for k in data.files}
-  return load_run_config(directory), unflatten_params(flat)
+  return config_base.load_json(directory), unflatten_params(flat)
 
 
 def export(workdir: str, step: int | None = None, output: str | None = None) -> str:
   """Exports the target encoder of WORKDIR's checkpoint `step` (latest if None); returns DIR."""
-  config = load_run_config(workdir)
+  config = config_base.load_json(workdir)
   step, tree = checkpointing.load_checkpoint(workdir, step)
   params = tree['target_params']
   output = output or os.path.join(workdir, 'export', f'step_{step}')

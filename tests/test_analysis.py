@@ -42,7 +42,7 @@ def _write_run(workdir, sigma, rows, mode='masked'):
 
 def test_config_round_trips_through_json_with_tuples_and_lock():
   config = _tiny(**{'stop.sigma': 0.7, 'mask.target_scale': [0.1, 0.3]})
-  back = analysis.config_from_dict(json.loads(config.to_json_best_effort()))
+  back = config_base.from_dict(json.loads(config.to_json_best_effort()))
   assert back.to_dict() == config.to_dict()
   assert back.stop.sigma == 0.7
   assert back.mask.target_scale == (0.1, 0.3)
@@ -53,14 +53,14 @@ def test_config_round_trips_through_json_with_tuples_and_lock():
 
 def test_config_from_dict_names_bad_keys():
   with pytest.raises(config_base.ConfigError, match='config.stop.sgima'):
-    analysis.config_from_dict({'stop': {'sgima': 0.1}})
+    config_base.from_dict({'stop': {'sgima': 0.1}})
   with pytest.raises(config_base.ConfigError, match='config.stop='):
-    analysis.config_from_dict({'stop': 3})
+    config_base.from_dict({'stop': 3})
 
 
 def test_load_config_and_run_errors_name_the_directory(tmp_path):
   with pytest.raises(FileNotFoundError, match='config.json'):
-    analysis.load_config(str(tmp_path))
+    config_base.load_json(str(tmp_path))
   _write_run(tmp_path, 0.25, [])
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     analysis.load_run(str(tmp_path))
