@@ -30,7 +30,8 @@ Bandwidth assumptions (per device, one direction; printed with the result):
     400 Gbit/s = 50 GB/s per GPU, with NCCL's hierarchical algorithms sending 1/8 of each tensor
     over each GPU's NIC (bf16 peak 989 TFLOP/s).
 XLA:CPU lowers FSDP's gradient reduction as all-reduce + dynamic-slice, which the GPU and TPU
-pipelines rewrite into a reduce-scatter; with an FSDP axis, all-reduce bytes count once, not twice.
+pipelines rewrite into a reduce-scatter: on a pure FSDP mesh all-reduce bytes count once; on a
+mesh with a data axis too they count twice (an upper bound; see `ring_factor`).
 """
 
 import os
@@ -44,6 +45,7 @@ if __name__ == '__main__':
   host_devices.simulate_from_argv(sys.argv, default=64)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import collections  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -122,24 +124,28 @@ def collectives(hlo_text: str, num_devices: int) -> list[tuple[str, int, int]]:
   return out
 
 
-def ring_factor(op: str, fsdp: bool) -> float:
+def ring_factor(op: str, full_fsdp: bool) -> float:
   """Multiples of (n-1)/n x S each device sends in a ring implementation of `op`.
 
   XLA:CPU lowers FSDP's gradient reduction as all-reduce + dynamic-slice; the GPU and TPU
-  pipelines rewrite that pair into a reduce-scatter, so with an FSDP axis all-reduce counts once.
+  pipelines rewrite that pair into a reduce-scatter, so on a pure FSDP mesh an all-reduce counts
+  once. With a data axis too, some all-reduces are real ones (across data) and the HLO's group
+  sizes cannot tell them apart when data == fsdp: all count twice there (an upper bound).
   """
-  return {'all-reduce': 1.0 if fsdp else 2.0}.get(op, 1.0)
+  if op != 'all-reduce':
+    return 1.0
+  return 1.0 if full_fsdp else 2.0
 
 
-def collective_bytes(records, fsdp: bool) -> dict[str, float]:
+def collective_bytes(records, full_fsdp: bool) -> dict[str, float]:
   """Bytes each device sends per step by kind (ring algorithms)."""
   out: dict[str, float] = {}
   for op, n, size in records:
-    out[op] = out.get(op, 0.0) + ring_factor(op, fsdp) * (n - 1) / n * size
+    out[op] = out.get(op, 0.0) + ring_factor(op, full_fsdp) * (n - 1) / n * size
   return out
 
 
-def comm_seconds(records, fsdp: bool, target: dict) -> float:
+def comm_seconds(records, full_fsdp: bool, target: dict) -> float:
   """Time of the step's collectives on `target`, one after the other (no overlap).
 
   One bandwidth inside a node (or a whole TPU slice); across nodes NCCL's hierarchical
@@ -148,7 +154,7 @@ def comm_seconds(records, fsdp: bool, target: dict) -> float:
   t = 0.0
   per_node = target['devices_per_node']
   for op, n, size in records:
-    f = ring_factor(op, fsdp)
+    f = ring_factor(op, full_fsdp)
     if n <= per_node:
       t += f * (n - 1) / n * size / (target['intra_gb_s'] * 1e9)
     else:
@@ -197,24 +203,18 @@ def main(argv):
 
     # Affine in depth: the real depth's collectives = depth-2 ones + (d - 2)/2 x the added ones.
     # Records are scaled by weighting their sizes; extrapolate by kind, group and size.
-    def counts(records):
-      out = {}
-      for r in records:
-        out[r] = out.get(r, 0) + 1
-      return out
-
-    c2, c4 = counts(per_depth[2]), counts(per_depth[4])
+    c2, c4 = collections.Counter(per_depth[2]), collections.Counter(per_depth[4])
     records = []
     for r in set(c2) | set(c4):
       k = c2.get(r, 0) + (c4.get(r, 0) - c2.get(r, 0)) / 2 * (depth_real - 2)
       records.append((r[0], r[1], r[2] * k))
-    is_fsdp = fsdp > 1
-    total = collective_bytes(records, is_fsdp)
+    full_fsdp = data == 1 and fsdp > 1
+    total = collective_bytes(records, full_fsdp)
     comm = sum(total.values())
     row = {'bytes_per_device_per_step': total, 'total_gb': comm / 1e9}
     for target in TARGETS:
       t_compute = per_device_flops / (target['peak_tflops'] * 1e12 * _MFU.value)
-      t_comm = comm_seconds(records, is_fsdp, target)
+      t_comm = comm_seconds(records, full_fsdp, target)
       row[target['name']] = {
         't_compute_s': t_compute,
         't_comm_s': t_comm,

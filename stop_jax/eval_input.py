@@ -282,7 +282,9 @@ def _tfds_raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None):
   builder = _tfds_builder(spec)
   split = tfds.even_splits(_sliced_split(spec), n=count, drop_remainder=False)[index]
   options = tf.data.Options()
-  options.deterministic = shuffle_seed is None
+  # Deterministic even when shuffled: the augmentation is keyed on the read position, so the
+  # order must repeat for a rerun to see the same (image, crop) pairs.
+  options.deterministic = True
   read_config = tfds.ReadConfig(options=options, try_autocache=False, shuffle_seed=shuffle_seed)
   try:
     ds = builder.as_dataset(
