@@ -63,7 +63,7 @@ def check(config, num_devices: int | None = None, device_memory_gib: float | Non
   mesh = sharding.make_mesh(config, devices)
   t0 = time.perf_counter()
   setup = trainer.make_sharded_step(config, mesh, steps_per_epoch=1000)
-  compiled = setup.lower(config, mask_spec).compile()
+  compiled = setup.compile(config, mask_spec)
   seconds = time.perf_counter() - t0
   info = trainer.describe_memory(setup, compiled)
   info['compile_seconds'] = seconds

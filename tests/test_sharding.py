@@ -50,7 +50,7 @@ WORKER = textwrap.dedent(
     state = setup.create(jax.random.key(0))
     rng = jax.device_put(jax.random.key(1), setup.replicated)
     it = input_pipeline.create_train_iterator(c, plan.mask_spec, 0, 0, 1)
-    step = setup.lower(c, plan.mask_spec).compile()
+    step = setup.compile(c, plan.mask_spec)
     losses = []
     for _ in range(3):
       batch = trainer.to_global(next(it), setup.batch_shardings)

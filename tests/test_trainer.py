@@ -107,3 +107,34 @@ def test_no_recompilation_after_the_first_step(tmp_path, monkeypatch):
   # The step is compiled ahead of time, before the loop: no compilation during the 12 steps.
   assert at_step[0] >= 1
   assert len(set(at_step)) == 1 and len(compiles) == at_step[0], at_step
+
+
+def test_cpu_matmul_library_option_changes_the_kernels_not_the_step():
+  import jax
+  import numpy as np
+
+  from stop_jax import input_pipeline, sharding
+
+  c = _tiny(1)
+  c.model.depth = 1
+  plan = trainer.plan_run(c)
+  mesh = sharding.make_mesh(c, jax.devices()[:1])
+  setup = trainer.make_sharded_step(c, mesh, plan.steps_per_epoch)
+  batch = next(input_pipeline.create_train_iterator(c, plan.mask_spec, 0, 0, 1))
+  batch = trainer.to_global(batch, setup.batch_shardings)
+  rng = jax.device_put(jax.random.key(1), setup.replicated)
+  results = {}
+  for library in ('eigen', 'ynnpack'):
+    c.xla_cpu_matmul = library
+    assert bool(trainer.compiler_options(c, 'cpu')) == (library == 'eigen')
+    assert trainer.compiler_options(c, 'gpu') == {}
+    compiled = setup.compile(c, plan.mask_spec)
+    results[library] = (
+      '__ynn_fusion' in compiled.as_text(),
+      compiled(setup.create(jax.random.key(0)), batch, rng)[1],
+    )
+  # Eigen: no dot left in a YNNPACK fusion (XLA:CPU's default puts them all there).
+  assert results['eigen'][0] is False and results['ynnpack'][0] is True
+  # Same step, summed in another order.
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(results['eigen'][1][key], results['ynnpack'][1][key], rtol=1e-4)
