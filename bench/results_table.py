@@ -30,11 +30,16 @@ HEADER = (
 
 # (label, backend, train_step.py arguments)
 ROWS = (
-  ('ViT-Ti/16 (issue reference): unrolled, Eigen dots', 'cpu', ['--preset=vit_ti16']),
+  ('ViT-Ti/16 (issue reference): unrolled, oneDNN dots', 'cpu', ['--preset=vit_ti16']),
   (
     'ViT-Ti/16, scanned blocks',
     'cpu',
     ['--config=bench/train_step.py:vit_ti16', '--config.model.scan_blocks=True'],
+  ),
+  (
+    'ViT-Ti/16, Eigen dots',
+    'cpu',
+    ['--config=bench/train_step.py:vit_ti16', '--config.xla_cpu_matmul=eigen'],
   ),
   (
     "ViT-Ti/16, XLA's default YNNPACK dots",

@@ -63,6 +63,13 @@ import time
 
 # `python bench/torch_reference.py` puts bench/ on the path; `train_step` adds the repo root.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == '__main__':
+  # Both steps run in this process, so both get the trainer's huge-page malloc (fair).
+  from stop_jax import host_devices
+
+  host_devices.restart_with_hugepage_malloc()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -513,6 +520,7 @@ def run(
     'ratio_per_round': per_round,
     'ratio_median_of_rounds': statistics.median(per_round),
     'matmul_peak_gflops_f32': {k: max(v) for k, v in peaks.items()},
+    'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
     'matmul_peak_gflops_f32_before_after': peaks,
     'load_avg_1m_start': load_start[0],
     'load_avg_1m_end': load_end[0],
@@ -588,7 +596,9 @@ def main(argv):
   if min(_ROUNDS.value, _STEPS.value, _WARMUP.value) < 1:
     raise app.UsageError('--rounds, --steps_per_round and --warmup must be at least 1.')
   threads = _THREADS.value or os.cpu_count()
-  result = run(_CONFIG.value, _ROUNDS.value, _STEPS.value, _WARMUP.value, _CHECKPOINT.value, threads)
+  result = run(
+    _CONFIG.value, _ROUNDS.value, _STEPS.value, _WARMUP.value, _CHECKPOINT.value, threads
+  )
   _print_human(result)
   print('RESULT ' + json.dumps(result))
 

@@ -11,7 +11,7 @@ It times `train.make_train_step` exactly as the trainer runs it (jitted, state d
 fixed batch of synthetic normalised images with real masks from `masking.sample_masks`, so it
 measures the model and optimiser, not the input pipeline. `--preset=vit_ti16` is the reference
 CPU setting of the issue: ViT-Ti/16 at 224, predictor 384 wide, 6 deep, 3 heads, 4 target
-blocks, batch 16, float32, blocks unrolled, Eigen dots (the official PyTorch step takes about
+blocks, batch 16, float32, blocks unrolled, oneDNN dots (the official PyTorch step takes about
 4.2 s on the 2-core dev VM of the issue; 3-3.4 s on the VM of 2026-12-01).
 
 Figures printed (also as one JSON line prefixed `RESULT `, for scripts):
@@ -27,8 +27,8 @@ Figures printed (also as one JSON line prefixed `RESULT `, for scripts):
                  ops and whatever the backward really computes, so expect it a little higher.
   matmul peak    the best GFLOP/s of a jitted 2048^3 matmul in the compute dtype (float32 unless
                  `model.dtype=bfloat16`) on this machine, this run, measured before and after
-                 the timed steps (best kept; both printed). On CPU, the best of XLA's YNNPACK
-                 and Eigen matmuls.
+                 the timed steps (best kept; both printed). On CPU, the best of the oneDNN,
+                 Eigen and YNNPACK matmuls.
   MFU            (useful FLOPs / median step time) / matmul peak.
 """
 
@@ -42,6 +42,12 @@ import time
 
 # `python bench/train_step.py` puts bench/ on the path, not the repo root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == '__main__':
+  # As the trainer does (stop_jax/main.py): huge-page malloc for XLA:CPU's per-step temporaries.
+  from stop_jax import host_devices
+
+  host_devices.restart_with_hugepage_malloc()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -60,7 +66,7 @@ _STEPS_PER_EPOCH = 1000
 def vit_ti16_config() -> ml_collections.ConfigDict:
   """ViT-Ti/16 at 224, base-config predictor (384 wide, 6 deep, encoder heads), batch 16, fp32.
 
-  Blocks unrolled and Eigen dots (the default `xla_cpu_matmul`): the faster CPU setting for a
+  Blocks unrolled and oneDNN dots (the default `xla_cpu_matmul`): the faster CPU setting for a
   model this small (bench/README.md has the scanned and YNNPACK rows beside it).
   """
   c = config_base.base_config()
@@ -158,8 +164,8 @@ def model_flops(config, k_ctx: int, k_tgt: int, batch: int) -> dict[str, float]:
 def matmul_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 8) -> float:
   """Best-of-`repeats` GFLOP/s of a jitted [size, size] @ [size, size] in `dtype` on device 0.
 
-  On CPU, the best of XLA's two matmul libraries (its default YNNPACK, and Eigen, which
-  `config.xla_cpu_matmul='eigen'` gives the train step): MFU is then against the faster one.
+  On CPU, the best of the matmul libraries `config.xla_cpu_matmul` can pick (oneDNN, Eigen and
+  XLA's default YNNPACK): MFU is then against the fastest.
   """
   ka, kb = jax.random.split(jax.random.key(0))
   a = jax.random.normal(ka, (size, size), dtype)
@@ -167,7 +173,10 @@ def matmul_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 8) ->
   lowered = jax.jit(jnp.matmul).lower(a, b)
   options = [{}]
   if jax.default_backend() == 'cpu':
-    options.append(trainer.compiler_options(config_base.base_config(), 'cpu'))
+    config = config_base.base_config()
+    for library in ('onednn', 'eigen'):
+      config.xla_cpu_matmul = library
+      options.append(trainer.compiler_options(config, 'cpu'))
   best = float('inf')
   for opts in options:
     matmul = lowered.compile(opts)
@@ -339,6 +348,7 @@ def bench(config, steps: int, warmup: int, xla_unrolled: bool, peak_size: int) -
       None if xla_unrolled_flops is None else xla_unrolled_flops / 1e9
     ),
     'matmul_peak_gflops': peak,
+    'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
     'matmul_peak_gflops_before_after': [peak_before, peak_after],
     'achieved_gflops': achieved,
     'datasheet_peak_gflops': datasheet,

@@ -202,10 +202,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = 'stop'
   c.max_consecutive_skips = 10
 
-  # Matmul library of XLA:CPU for the train step: eigen (measured ~10% faster end to end on
-  # the ViT-Ti/16 reference step, bench/README.md) | ynnpack (XLA's own default). Ignored on
-  # GPU / TPU. The sums differ only in rounding order.
-  c.xla_cpu_matmul = 'eigen'
+  # Matmul library of XLA:CPU for the train step: onednn (the fastest measured on the ViT-Ti/16
+  # reference step, bench/README.md) | eigen | ynnpack (XLA's own default). Ignored on GPU /
+  # TPU. All float32; the sums differ only in rounding order.
+  c.xla_cpu_matmul = 'onednn'
 
   c.log_every_steps = 50
   c.total_steps = -1  # -1 = epochs * steps_per_epoch; set to stop early (schedules unchanged).
@@ -407,10 +407,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check(m.remat in ('none', 'block', 'dots'), 'model.remat', m.remat, 'none, block or dots')
   attn = ('auto', 'einsum', 'xla', 'cudnn')
   _check(
-    config.xla_cpu_matmul in ('eigen', 'ynnpack'),
+    config.xla_cpu_matmul in ('onednn', 'eigen', 'ynnpack'),
     'xla_cpu_matmul',
     config.xla_cpu_matmul,
-    'eigen or ynnpack',
+    'onednn, eigen or ynnpack',
   )
   _check(m.attention in attn, 'model.attention', m.attention, f'one of {attn}')
   _check(

@@ -9,12 +9,19 @@ other by themselves; elsewhere start one process per host with
 """
 
 import logging as py_logging
+import os
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+if __name__ == '__main__':
+  # Before anything heavy is imported: may restart the process once (see the docstring).
+  from stop_jax import host_devices
 
-from stop_jax import distributed, trainer
+  host_devices.restart_with_hugepage_malloc()
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from stop_jax import distributed, trainer  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:arg]).')
 flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, TensorBoard, checkpoints.')
@@ -45,6 +52,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_libraries)
+  if os.environ.get('GLIBC_TUNABLES'):
+    logging.info('GLIBC_TUNABLES=%s (see host_devices.py)', os.environ['GLIBC_TUNABLES'])
   try:
     distributed.initialize({name: FLAGS[name].value for name in distributed.FLAG_NAMES})
   except distributed.DistributedConfigError as e:

@@ -76,7 +76,7 @@ def test_ablation_variants_select_the_right_switches():
     ('model.variant', 'colossal', 'model.variant'),
     ('loss.num_target_layers', 13, r'loss.num_target_layers=13 .* depth=12'),
     ('mask.num_context_tokens', 500, 'mask.num_context_tokens=500'),
-    ('xla_cpu_matmul', 'mkl', "xla_cpu_matmul='mkl' .* eigen or ynnpack"),
+    ('xla_cpu_matmul', 'mkl', "xla_cpu_matmul='mkl' .* onednn, eigen or ynnpack"),
   ],
 )
 def test_bad_values_fail_naming_the_key_and_the_allowed_range(key, value, match):

@@ -123,18 +123,17 @@ def test_cpu_matmul_library_option_changes_the_kernels_not_the_step():
   batch = next(input_pipeline.create_train_iterator(c, plan.mask_spec, 0, 0, 1))
   batch = trainer.to_global(batch, setup.batch_shardings)
   rng = jax.device_put(jax.random.key(1), setup.replicated)
-  results = {}
-  for library in ('eigen', 'ynnpack'):
+  kernels, metrics = {}, {}
+  for library in ('onednn', 'eigen', 'ynnpack'):
     c.xla_cpu_matmul = library
-    assert bool(trainer.compiler_options(c, 'cpu')) == (library == 'eigen')
     assert trainer.compiler_options(c, 'gpu') == {}
     compiled = setup.compile(c, plan.mask_spec)
-    results[library] = (
-      '__ynn_fusion' in compiled.as_text(),
-      compiled(setup.create(jax.random.key(0)), batch, rng)[1],
-    )
-  # Eigen: no dot left in a YNNPACK fusion (XLA:CPU's default puts them all there).
-  assert results['eigen'][0] is False and results['ynnpack'][0] is True
+    hlo = compiled.as_text()
+    kernels[library] = {k for k in ('__ynn_fusion', '__onednn_fusion') if k in hlo}
+    metrics[library] = compiled(setup.create(jax.random.key(0)), batch, rng)[1]
+  # XLA:CPU's default puts the dots in YNNPACK fusions; 'eigen' leaves them as plain dots.
+  assert kernels == {'onednn': {'__onednn_fusion'}, 'eigen': set(), 'ynnpack': {'__ynn_fusion'}}
   # Same step, summed in another order.
-  for key in ('loss', 'grad_norm'):
-    np.testing.assert_allclose(results['eigen'][1][key], results['ynnpack'][1][key], rtol=1e-4)
+  for library in ('eigen', 'ynnpack'):
+    for key in ('loss', 'grad_norm'):
+      np.testing.assert_allclose(metrics[library][key], metrics['onednn'][key], rtol=1e-4)
