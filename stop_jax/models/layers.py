@@ -126,8 +126,10 @@ class Attention(nn.Module):
     """
     b, n, d = x.shape
     hd = d // self.num_heads
-    qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv')(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)  # each [B, N, H, hd]
+    qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv')(x)  # [B, N, 3D]: q | k | v
+    # Split the flat feature axis: in the backward that is one concatenate, where indexing a
+    # [B, N, 3, H, hd] view pads each cotangent to full size (measured: the CPU step ~9% slower).
+    q, k, v = (t.reshape(b, n, self.num_heads, hd) for t in jnp.split(qkv, 3, axis=-1))
     if self.impl != 'einsum':
       lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
       out = jax.nn.dot_product_attention(
