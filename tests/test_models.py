@@ -243,3 +243,23 @@ def test_modules_take_plain_fields_not_configs():
     for f in cls.__dataclass_fields__.values():
       assert 'ConfigDict' not in str(f.type), (cls, f.name)
   assert issubclass(Predictor, nn.Module)
+
+
+def test_exact_gelu_is_pytorchs_and_tanh_is_the_approximation():
+  import torch
+
+  from stop_jax.models import layers
+
+  x = np.linspace(-8, 8, 4001, dtype=np.float32)
+  exact = np.asarray(layers.gelu_fn('exact')(jnp.asarray(x)))
+  np.testing.assert_allclose(
+    exact, torch.nn.functional.gelu(torch.from_numpy(x)).numpy(), atol=2e-6
+  )
+  # The same function as jax.nn.gelu's erfc form, value and derivative.
+  np.testing.assert_allclose(exact, jax.nn.gelu(x, approximate=False), atol=2e-6)
+  grad = jax.vmap(jax.grad(layers.gelu_fn('exact')))(jnp.asarray(x))
+  ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(jnp.asarray(x))
+  np.testing.assert_allclose(grad, ref, atol=2e-6)
+  # tanh differs from exact by up to ~5e-4: a test this tight tells the two apart.
+  tanh = np.asarray(layers.gelu_fn('tanh')(jnp.asarray(x)))
+  assert np.abs(tanh - exact).max() > 1e-4
