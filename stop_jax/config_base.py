@@ -405,13 +405,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check(m.dtype in ('float32', 'bfloat16'), 'model.dtype', m.dtype, 'float32 or bfloat16')
   _check(m.gelu in ('exact', 'tanh'), 'model.gelu', m.gelu, 'exact or tanh')
   _check(m.remat in ('none', 'block', 'dots'), 'model.remat', m.remat, 'none, block or dots')
-  attn = ('auto', 'einsum', 'xla', 'cudnn')
   _check(
     config.xla_cpu_matmul in ('onednn', 'eigen', 'ynnpack'),
     'xla_cpu_matmul',
     config.xla_cpu_matmul,
     'onednn, eigen or ynnpack',
   )
+  attn = ('auto', 'einsum', 'xla', 'cudnn')
   _check(m.attention in attn, 'model.attention', m.attention, f'one of {attn}')
   _check(
     m.attention != 'cudnn' or m.dtype == 'bfloat16',
