@@ -1,7 +1,8 @@
-"""Simulated CPU devices for tools that compile for a mesh this machine does not have.
+"""Process set-up before JAX starts: simulated CPU devices for tools that compile for a mesh
+this machine does not have, and the huge-page malloc restart for fast XLA:CPU steps.
 
 Imports nothing heavy on purpose: it must run before JAX creates its backends, which is when
-XLA reads XLA_FLAGS.
+XLA reads XLA_FLAGS (and the restart would repeat any import done before it).
 """
 
 import os

@@ -12,7 +12,8 @@ import logging as py_logging
 import os
 
 if __name__ == '__main__':
-  # Before anything heavy is imported: may restart the process once (see the docstring).
+  # Before anything heavy is imported: may restart the process once, with huge-page malloc
+  # (see host_devices.restart_with_hugepage_malloc).
   from stop_jax import host_devices
 
   host_devices.restart_with_hugepage_malloc()
