@@ -51,23 +51,13 @@ VARIANTS = {
 }
 
 
-def _with(config, changes: dict):
-  c = config.copy_and_resolve_references()
-  for key, value in changes.items():
-    *groups, name = key.split('.')
-    parent = c
-    for g in groups:
-      parent = parent[g]
-    parent[name] = value
-  return c
-
-
 def run(config, rounds: int) -> dict:
   batch = train_step.make_batch(config, config.data.global_batch_size)
   rng = jax.random.key(config.seed + 1)
   steps = {}
   for name, changes in VARIANTS.items():
-    c = _with(config, changes)
+    c = config.copy_and_resolve_references()
+    c.update_from_flattened_dict(changes)
     fn, state = train_step.build_step(c)
     t0 = time.perf_counter()
     compiled = trainer.compile_lowered(fn.lower(state, batch, rng), c)

@@ -4,10 +4,12 @@ Commands (from the repo root):
   python bench/torch_reference.py                         # the ViT-Ti/16 setting
   python bench/torch_reference.py --rounds=6 --steps_per_round=3
   python bench/torch_reference.py --nocheckpoint_blocks   # I-JEPA's step: no recomputation
+  python bench/torch_reference.py --config.model.scan_blocks=True   # our step, changed
 
-The reference setting is `train_step.vit_ti16_config()`: ViT-Ti/16 at 224 (192 wide, 12 deep,
-3 heads, MLP 768, exact GELU), predictor 384 wide, 6 deep, 3 heads, 4 target blocks, batch 16,
-float32, StoP noise (standard deviation 0.25) through the predictor's input Linear. Both steps
+The reference setting (`--config`, default `bench/train_step.py:vit_ti16`, i.e.
+`train_step.vit_ti16_config()`; overrides change our step, the official one follows the
+shapes): ViT-Ti/16 at 224 (192 wide, 12 deep, 3 heads, MLP 768, exact GELU), predictor 384
+wide, 6 deep, 3 heads, 4 target blocks, batch 16, float32, StoP noise (standard deviation 0.25) through the predictor's input Linear. Both steps
 take the same images and the same token indices, from our `masking.sample_masks` as
 `train_step.make_batch` draws them (53 context and 4 x 33 target tokens per image at 224/16), so
 they do the same useful work.
@@ -61,7 +63,8 @@ import statistics
 import sys
 import time
 
-# `python bench/torch_reference.py` puts bench/ on the path; `train_step` adds the repo root.
+# `python bench/torch_reference.py` puts bench/ on the path; the repo root is needed before
+# `train_step` is imported, for the huge-page restart below.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -81,11 +81,7 @@ def test_ablation_variants_select_the_right_switches():
 )
 def test_bad_values_fail_naming_the_key_and_the_allowed_range(key, value, match):
   c = config_base.base_config()
-  *groups, name = key.split('.')
-  parent = c
-  for group in groups:
-    parent = parent[group]
-  parent[name] = value
+  c.update_from_flattened_dict({key: value})
   with pytest.raises(config_base.ConfigError, match=match):
     config_base.validate(c)
 
