@@ -9,10 +9,10 @@ Commands (from the repo root):
 The reference setting (`--config`, default `bench/train_step.py:vit_ti16`, i.e.
 `train_step.vit_ti16_config()`; overrides change our step, the official one follows the
 shapes): ViT-Ti/16 at 224 (192 wide, 12 deep, 3 heads, MLP 768, exact GELU), predictor 384
-wide, 6 deep, 3 heads, 4 target blocks, batch 16, float32, StoP noise (standard deviation 0.25) through the predictor's input Linear. Both steps
-take the same images and the same token indices, from our `masking.sample_masks` as
-`train_step.make_batch` draws them (53 context and 4 x 33 target tokens per image at 224/16), so
-they do the same useful work.
+wide, 6 deep, 3 heads, 4 target blocks, batch 16, float32, StoP noise (standard deviation
+0.25) through the predictor's input Linear. Both steps take the same images and the same token
+indices, from our `masking.sample_masks` as `train_step.make_batch` draws them (53 context and
+4 x 33 target tokens per image at 224/16), so they do the same useful work.
 
 The PyTorch side is a CPU re-implementation of the official StoP training step (amirbar/StoP
 `main.py` and `src/deit.py`, itself I-JEPA's `src/train.py` and `vision_transformer.py` plus the
