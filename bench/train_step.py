@@ -23,8 +23,9 @@ Figures printed (also as one JSON line prefixed `RESULT `, for scripts):
   XLA FLOPs      `compiled.cost_analysis()['flops']` of the same step, a cross-check. XLA counts
                  a while loop's body once, so with scanned blocks (`model.scan_blocks=True`, the
                  configs' default) it undercounts by about the depth; `--xla_unrolled` (default
-                 on) also compiles an unrolled copy just to read its estimate. XLA also counts elementwise
-                 ops and whatever the backward really computes, so expect it a little higher.
+                 on) also compiles an unrolled copy just to read its estimate. XLA also counts
+                 elementwise ops and whatever the backward really computes, so expect it a
+                 little higher.
   matmul peak    the best GFLOP/s of a jitted 2048^3 matmul in the compute dtype (float32 unless
                  `model.dtype=bfloat16`) on this machine, this run, measured before and after
                  the timed steps (best kept; both printed). On CPU, the best of the oneDNN,
