@@ -1,5 +1,7 @@
 """Encoder and predictor: positions, shapes, parameter counts, padding, StoP noise paths."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -263,3 +265,29 @@ def test_exact_gelu_is_pytorchs_and_tanh_is_the_approximation():
   # tanh differs from exact by up to ~5e-4: a test this tight tells the two apart.
   tanh = np.asarray(layers.gelu_fn('tanh')(jnp.asarray(x)))
   assert np.abs(tanh - exact).max() > 1e-4
+
+
+def test_dense_multiplies_a_flat_view_on_cpu_and_computes_nn_dense():
+  from stop_jax.models import layers
+
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))  # [B, n, N, D_in]: leading axes kept
+  ours = layers.dense(16, ('embed', 'mlp'), jnp.float32, 'fc')
+  ref = nn.Dense(16, kernel_init=layers.INIT, name='fc')
+  params = nn.unbox(ours.init(jax.random.key(1), x))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref.init(jax.random.key(1), x))
+  loss = lambda m: lambda p, v: jnp.sum(jnp.sin(m.apply(p, v)))  # noqa: E731
+  y, y_ref = ours.apply(params, x), ref.apply(params, x)
+  assert y.shape == (2, 3, 5, 16)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  g, g_ref = jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(ref), (0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, g_ref)
+  # On CPU the matmul is the 2-D one (the point of it); the gradient's dots are 2-D as well.
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours), (0, 1)))(params, x))
+  dots = re.findall(r'f32\[([\d,]+)\] = dot_general', jaxpr)
+  assert sorted(dots) == ['16,8', '30,16', '30,8'], jaxpr  # y, dW^T, dx: all 2-D
+  # A contraction that is not a Dense's is passed through unchanged.
+  a, b = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+  dims = (((2,), (1,)), ((0,), (0,)))
+  np.testing.assert_array_equal(
+    layers.flat_dot_general(a, b, dims), jax.lax.dot_general(a, b, dims)
+  )
