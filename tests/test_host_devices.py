@@ -32,12 +32,15 @@ def fake_exec(monkeypatch):
 def test_hugepage_restart_keeps_argv_and_other_tunables(fake_exec, monkeypatch):
   if not sys.platform.startswith('linux'):
     pytest.skip('glibc only')
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=1024')
   monkeypatch.setattr(sys, 'orig_argv', ['python3', '-m', 'stop_jax.main', '--workdir=w'])
   host_devices.restart_with_hugepage_malloc()
   [(path, argv, env)] = fake_exec
   assert path == sys.executable and argv == [sys.executable, '-m', 'stop_jax.main', '--workdir=w']
-  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  assert env['GLIBC_TUNABLES'] == (
+    'glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=1024:glibc.malloc.hugetlb=1:'
+    'glibc.malloc.mmap_max=0'
+  )  # ours appended; the caller's trim_threshold kept, not overridden
   assert env[host_devices.HUGEPAGE_ENV] == '0'  # the restarted process does not restart again
 
 
@@ -68,4 +71,7 @@ def test_hugepage_restart_for_real_runs_the_program_again_once():
   }
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ['-', 'glibc.malloc.hugetlb=1']
+  assert out.stdout.split() == [
+    '-',
+    f'glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={16 << 30}',
+  ]
