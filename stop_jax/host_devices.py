@@ -26,15 +26,21 @@ def simulate_from_argv(argv: list[str], default: int) -> int:
 
 # glibc malloc settings for XLA:CPU's per-step temporaries (glibc >= 2.35 for hugetlb):
 #   hugetlb=1          back large blocks with transparent huge pages (2 MiB faults, not 4 KiB);
-#   mmap_max=0         serve every block from the heap instead of a fresh mmap per block;
+#   mmap_max=0         serve every block from the heap, not from a fresh mmap per block (glibc
+#                      always mmaps blocks above its threshold, 32 MiB at most);
+#   arena_max=1        one heap for all threads: XLA's threads otherwise malloc from per-thread
+#                      arenas of 64 MiB heaps, which glibc unmaps whenever they empty;
 #   trim_threshold=16G keep freed heap memory for the next step instead of returning it.
-# glibc always mmaps blocks above its mmap threshold (32 MiB at most) and unmaps them on free:
-# without the last two, every step mapped and faulted its largest blocks anew.
+# Measured on the ViT-Ti/16 step: with all four, no page faults at all after the first steps.
 _MALLOC_TUNABLES = (
   ('glibc.malloc.hugetlb', '1'),
   ('glibc.malloc.mmap_max', '0'),
+  ('glibc.malloc.arena_max', '1'),
   ('glibc.malloc.trim_threshold', str(16 << 30)),
 )
+# Device nodes of GPUs and TPUs: there the step is not XLA:CPU's, and one malloc arena could slow
+# a many-threaded input pipeline, so the restart is skipped (unless JAX_PLATFORMS=cpu).
+_ACCELERATOR_NODES = ('/dev/nvidia[0-9]*', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
 # Set to 0 to keep the process as started (also set by the restart itself, so it runs once).
 HUGEPAGE_ENV = 'STOP_JAX_HUGEPAGE_MALLOC'
 
@@ -47,19 +53,26 @@ def _thp_mode() -> str:
     return 'never'
 
 
+def _has_accelerator() -> bool:
+  import glob
+
+  return any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+
+
 def restart_with_hugepage_malloc() -> None:
   """Re-executes this process once with `_MALLOC_TUNABLES` in GLIBC_TUNABLES, if that helps.
 
   Why: XLA:CPU mallocs each step's temporaries afresh (1.4-1.6 GB for the ViT-Ti/16 reference
-  step) and glibc maps such blocks anew every time, so the kernel faults them in 4 KiB pages:
-  measured 400k page faults and ~0.8 s of system time per 3-4 s step. With huge pages alone it
-  was 3-15k faults and 0.5-1.6 s of system time per step (large blocks were still mapped and
-  unmapped every step); with the heap kept as well, ~1.1k faults and 0.25-0.4 s, and the step
-  ~15% faster (bench/README.md). The cost: freed memory stays with the process (RSS = peak). glibc reads tunables only at start-up, hence the
-  restart (same PID, argv and environment otherwise). Call it first thing in a `__main__`,
-  before anything heavy is imported. A no-op off Linux/glibc, when transparent huge pages are
-  off, when GLIBC_TUNABLES already sets glibc.malloc.hugetlb, or when
-  STOP_JAX_HUGEPAGE_MALLOC=0. Other tunables already set are kept, and win over ours.
+  step) and glibc hands such memory back to the kernel when it is freed, so every step faulted
+  it in again: measured 400k page faults and ~0.8 s of system time per 3-4 s step with glibc's
+  defaults, 3-15k faults and 0.5-1.6 s with huge pages alone, none and ~0 s with all four
+  settings (bench/README.md). The cost: freed memory stays with the process (RSS = peak), and
+  all threads share one malloc arena. glibc reads tunables only at start-up, hence the restart
+  (same PID, argv and environment otherwise). Call it first thing in a `__main__`, before
+  anything heavy is imported. A no-op off Linux/glibc, when transparent huge pages are off, on
+  a GPU/TPU host (unless JAX_PLATFORMS=cpu), when GLIBC_TUNABLES already sets
+  glibc.malloc.hugetlb, or when STOP_JAX_HUGEPAGE_MALLOC=0. Other tunables already set are kept,
+  and win over ours.
   """
   import platform
   import sys
@@ -71,6 +84,7 @@ def restart_with_hugepage_malloc() -> None:
     or not sys.platform.startswith('linux')
     or platform.libc_ver()[0] != 'glibc'
     or _thp_mode() == 'never'
+    or (os.environ.get('JAX_PLATFORMS') != 'cpu' and _has_accelerator())
   ):
     return
   ours = [f'{k}={v}' for k, v in _MALLOC_TUNABLES if f'{k}=' not in tunables]
