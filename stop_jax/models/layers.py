@@ -29,7 +29,7 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   On [B, N, D_in] inputs the kernel's gradient contracts two axes, batch and tokens, and
   XLA:CPU copies the [B, N, D_out] cotangent into a transposed layout before each such dot
   (34 MB per predictor fc1 in the ViT-Ti/16 step, at ~5 GB/s). On the flat view it is one
-  contraction that oneDNN takes as it is: that step ran 11-12% faster (bench/README). GPU and
+  contraction that oneDNN takes as it is: that step ran 5-12% faster (bench/README). GPU and
   TPU keep the N-d dot: the reshape was not measured there.
   """
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
