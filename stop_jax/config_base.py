@@ -202,9 +202,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.on_nonfinite = 'stop'
   c.max_consecutive_skips = 10
 
-  # Matmul library of XLA:CPU for the train step: onednn (the fastest measured on the ViT-Ti/16
-  # reference step, bench/README.md) | eigen | ynnpack (XLA's own default). Ignored on GPU /
-  # TPU. All float32; the sums differ only in rounding order.
+  # Matmul library of XLA:CPU for the train step: onednn (measured the fastest on the ViT-Ti/16
+  # reference step, now level with eigen within ~1%; bench/README.md) | eigen | ynnpack (XLA's
+  # own default). Ignored on GPU / TPU. All float32; the sums differ only in rounding order.
   c.xla_cpu_matmul = 'onednn'
 
   c.log_every_steps = 50

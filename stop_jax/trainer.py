@@ -130,8 +130,9 @@ def compiler_options(config, backend: str | None = None) -> dict:
   """Per-compile XLA options for the train step on `backend` (default: JAX's default backend).
 
   On CPU they pick the matmul library (`config.xla_cpu_matmul`). On the ViT-Ti/16 reference
-  step, timed interleaved in one process (bench/cpu_step_options.py), oneDNN (the default) was
-  3-6% faster than Eigen and 6-11% faster than YNNPACK, XLA's own default. Elsewhere: {}.
+  step, timed interleaved in one process, oneDNN (the default) was 3-6% faster than Eigen and
+  6-11% faster than YNNPACK, XLA's own default; since Dense multiplies flat views
+  (`layers.flat_dot_general`) the three are within 1-3% (bench/README.md). Elsewhere: {}.
   """
   backend = backend or jax.default_backend()
   if backend != 'cpu':
