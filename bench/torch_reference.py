@@ -16,10 +16,8 @@ indices, from our `masking.sample_masks` as `train_step.make_batch` draws them (
 
 The PyTorch side is a CPU re-implementation of the official StoP training step (amirbar/StoP
 `main.py` and `src/deit.py`, itself I-JEPA's `src/train.py` and `vision_transformer.py` plus the
-noise), in the official module layout: `patch_embed.proj` Conv2d, a fixed 2D sin-cos `pos_embed`
-(requires_grad=False), pre-norm `blocks` with `attn.qkv` / `attn.proj` / `mlp.fc1` / `mlp.fc2`
-and LayerNorm eps 1e-6, `norm`; a predictor with `predictor_embed`, `predictor_pos_embed`,
-`predictor_blocks`, `predictor_norm`, `predictor_proj` (and StoP's unused `mask_token`). One step:
+noise) on the official-layout modules of `stop_jax/official_torch.py`, the same ones the
+checkpoint-import parity test (`tests/test_convert.py`) checks our models against. One step:
   1. target encoder on all 196 tokens under no_grad, F.layer_norm, gather each target block;
   2. context encoder on the context tokens; the predictor runs the context concatenated with each
      target block's tokens (sin-cos position + predictor_embed(N(0, 0.25^2) noise in d_e)) as a
@@ -81,10 +79,8 @@ import torch.nn.functional as F  # noqa: E402
 import train_step  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils import checkpoint as torch_checkpoint  # noqa: E402
 
-from stop_jax import config_base, trainer  # noqa: E402
+from stop_jax import config_base, official_torch, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -112,187 +108,16 @@ _MIN_CPU_USE = 0.8
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch modules in the official layout (adapted from tests/test_convert.py, plus StoP's
-# checkpointing and noise).
-
-
-def sincos_2d(dim: int, grid: int) -> np.ndarray:
-  """The official fixed 2D sin-cos table [grid * grid, dim], w first in the meshgrid."""
-
-  def one_d(d, pos):
-    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-    out = np.outer(pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-  coords = np.arange(grid, dtype=np.float64)
-  g = np.stack(np.meshgrid(coords, coords))
-  return np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1)
-
-
-def fixed_table(dim: int, grid: int) -> nn.Parameter:
-  """[1, grid * grid, dim] sin-cos, a Parameter without grad as the official (it is in the state
-  dict and in the optimiser's groups, where a None grad skips it)."""
-  return nn.Parameter(torch.from_numpy(sincos_2d(dim, grid)).float()[None], requires_grad=False)
-
-
-def apply_masks(x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-  """Official: gather each mask's tokens [B, K] from x [B, N, D], concatenated along the batch."""
-  return torch.cat([torch.gather(x, 1, m.unsqueeze(-1).repeat(1, 1, x.size(-1))) for m in masks])
-
-
-class Attention(nn.Module):
-  """Official attention: explicit softmax(q k^T / sqrt(d_h)) v; returns (output, probs)."""
-
-  def __init__(self, dim: int, heads: int):
-    super().__init__()
-    self.heads = heads
-    self.scale = (dim // heads) ** -0.5
-    self.qkv = nn.Linear(dim, 3 * dim)
-    self.proj = nn.Linear(dim, dim)
-
-  def forward(self, x):
-    b, n, c = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, N, d_h]
-    attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)), attn
-
-
-class MLP(nn.Module):
-  """fc1 -> exact (erf) GELU -> fc2."""
-
-  def __init__(self, dim: int, hidden: int):
-    super().__init__()
-    self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-  def forward(self, x):
-    return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-  """Pre-norm block; with `checkpoint`, StoP's: attn and mlp each recomputed in the backward."""
-
-  def __init__(self, dim: int, heads: int, hidden: int, checkpoint: bool):
-    super().__init__()
-    self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-    self.attn = Attention(dim, heads)
-    self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-    self.mlp = MLP(dim, hidden)
-    self.checkpoint = checkpoint
-
-  def _run(self, fn, x):
-    # Under no_grad (the target encoder) a checkpoint stores nothing and recomputes nothing, but
-    # the reentrant one warns that no input requires grad: skip it there, same arithmetic.
-    if self.checkpoint and torch.is_grad_enabled():
-      return torch_checkpoint.checkpoint(fn, x, use_reentrant=True)
-    return fn(x)
-
-  def forward(self, x):
-    y, _ = self._run(self.attn, self.norm1(x))
-    x = x + y
-    return x + self._run(self.mlp, self.norm2(x))
-
-
-class PatchEmbed(nn.Module):
-  """Stride-p Conv2d on NCHW images -> tokens [B, N, D] in raster order."""
-
-  def __init__(self, patch: int, dim: int):
-    super().__init__()
-    self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-  def forward(self, x):
-    return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
-
-
-class VisionTransformer(nn.Module):
-  """Official encoder; `masks` keeps tokens after the position embedding (the whole image is
-  patch-embedded first, as in the official code)."""
-
-  def __init__(self, image_size, patch, dim, depth, heads, hidden, checkpoint):
-    super().__init__()
-    grid = image_size // patch
-    self.patch_embed = PatchEmbed(patch, dim)
-    self.pos_embed = fixed_table(dim, grid)
-    self.blocks = nn.ModuleList([Block(dim, heads, hidden, checkpoint) for _ in range(depth)])
-    self.norm = nn.LayerNorm(dim, eps=1e-6)
-
-  def forward(self, x, masks=None):
-    x = self.patch_embed(x) + self.pos_embed
-    if masks is not None:
-      x = apply_masks(x, masks)
-    for blk in self.blocks:
-      x = blk(x)
-    return self.norm(x)
-
-
-class StopPredictor(nn.Module):
-  """StoP's predictor: target tokens are psi_j + predictor_embed(n_j), n_j ~ N(0, sigma^2 I_de)."""
-
-  def __init__(self, num_patches, embed_dim, dim, depth, heads, sigma, checkpoint):
-    super().__init__()
-    self.sigma = sigma
-    self.predictor_embed = nn.Linear(embed_dim, dim)
-    # Created by the official StoP predictor and never used with StoP on: no grad, no update.
-    self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-    self.predictor_pos_embed = fixed_table(dim, int(round(num_patches**0.5)))
-    self.predictor_blocks = nn.ModuleList(
-      [Block(dim, heads, 4 * dim, checkpoint) for _ in range(depth)]
-    )
-    self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
-    self.predictor_proj = nn.Linear(dim, embed_dim)
-
-  def forward(self, x_enc, masks_x, masks):
-    x = self.predictor_embed(x_enc)  # [B, Kc, Dp]
-    b, n_ctx, _ = x.shape
-    x = x + apply_masks(self.predictor_pos_embed.repeat(b, 1, 1), masks_x)
-    seqs = []
-    for m in masks:
-      pos = apply_masks(self.predictor_pos_embed.repeat(b, 1, 1), [m])  # [B, Kt, Dp]
-      noise = torch.normal(0.0, self.sigma, size=(b, m.size(1), x_enc.size(-1)))
-      seqs.append(torch.cat([x, pos + self.predictor_embed(noise)], dim=1))
-    x = torch.cat(seqs)  # [n * B, Kc + Kt, Dp], target-major
-    for blk in self.predictor_blocks:
-      x = blk(x)
-    return self.predictor_proj(self.predictor_norm(x)[:, n_ctx:])  # [n * B, Kt, De]
-
-
-def init_official(module: nn.Module):
-  """StoP's init: trunc_normal(0.02) on every Linear / Conv2d kernel and the mask token, zero
-  biases, LayerNorm 1 / 0; the depth rescale is undone by the re-init, as in the official code."""
-  for m in module.modules():
-    if isinstance(m, nn.Linear | nn.Conv2d):
-      nn.init.trunc_normal_(m.weight, std=0.02)
-      nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-      nn.init.ones_(m.weight)
-      nn.init.zeros_(m.bias)
-  if isinstance(module, StopPredictor):
-    nn.init.trunc_normal_(module.mask_token, std=0.02)
+# The official step, on the official-layout modules of `stop_jax.official_torch`.
 
 
 def build_official(config, checkpoint: bool, seed: int = 0):
   """(encoder, target_encoder, predictor, AdamW) for `config`, initialised as the official code."""
   torch.manual_seed(seed)
-  m = config.model
-  width, depth, heads, ratio = config_base.vit_shape(m)
-  p = config.predictor
-  encoder = VisionTransformer(
-    m.image_size, m.patch_size, width, depth, heads, int(width * ratio), checkpoint
-  )
-  predictor = StopPredictor(
-    (m.image_size // m.patch_size) ** 2,
-    width,
-    p.width,
-    p.depth,
-    p.num_heads if p.num_heads > 0 else heads,
-    float(config.stop.sigma),
-    checkpoint,
-  )
-  init_official(encoder)
-  init_official(predictor)
-  target = VisionTransformer(
-    m.image_size, m.patch_size, width, depth, heads, int(width * ratio), checkpoint
-  )
+  mods = official_torch.official_modules(config, float(config.stop.sigma), checkpoint)
+  encoder, target, predictor = mods['encoder'], mods['target_encoder'], mods['predictor']
+  official_torch.init_official(encoder)
+  official_torch.init_official(predictor)
   target.load_state_dict(encoder.state_dict())  # the official deepcopy
   for t in target.parameters():
     t.requires_grad = False
@@ -316,7 +141,7 @@ def official_step(models, images, masks_enc, masks_pred, momentum: float = _MOME
   with torch.no_grad():
     h = target(images)
     h = F.layer_norm(h, (h.size(-1),))  # over the feature dim, no affine
-    h = apply_masks(h, masks_pred).repeat_interleave(len(masks_enc), dim=0)
+    h = official_torch.apply_masks(h, masks_pred).repeat_interleave(len(masks_enc), dim=0)
   z = predictor(encoder(images, masks_enc), masks_enc, masks_pred)
   loss = F.smooth_l1_loss(z, h, reduction='none').mean(dim=(1, 2)).mean()
   loss.backward()

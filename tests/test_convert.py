@@ -1,9 +1,9 @@
 """Official-checkpoint import: parity with PyTorch modules laid out as the official code.
 
-The torch modules below are written from the official layout (I-JEPA `vision_transformer.py`
-and the StoP predictor, which adds `predictor_embed(noise)` to the masked tokens' positions and no
-mask token); they get random weights, are saved as an official-style checkpoint, converted, and
-must agree with our models to 1e-4 relative.
+The torch modules of `stop_jax.official_torch` are written from the official layout (I-JEPA
+`vision_transformer.py` and the StoP predictor, which adds `predictor_embed(noise)` to the masked
+tokens' positions and no mask token); they get random weights, are saved as an official-style
+checkpoint, converted, and must agree with our models to 1e-4 relative.
 """
 
 from __future__ import annotations
@@ -23,124 +23,9 @@ import pytest
 from stop_jax import config_base, convert, models
 
 torch = pytest.importorskip('torch')
-tnn = torch.nn
+from stop_jax.official_torch import official_modules  # noqa: E402 (needs torch)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ---- PyTorch modules with the official layout ---------------------------------------------------
-
-
-def official_sincos(dim: int, grid: int) -> np.ndarray:
-  """The official table, written independently of ours: w goes first in the meshgrid."""
-
-  def one_d(d, pos):
-    omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=float) / (d / 2.0))
-    out = np.einsum('m,d->md', pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-  g = np.stack(np.meshgrid(np.arange(grid, dtype=float), np.arange(grid, dtype=float)))
-  return np.concatenate([one_d(dim // 2, g[0]), one_d(dim // 2, g[1])], axis=1)
-
-
-class TAttention(tnn.Module):
-  def __init__(self, dim, heads):
-    super().__init__()
-    self.heads = heads
-    self.qkv = tnn.Linear(dim, 3 * dim)
-    self.proj = tnn.Linear(dim, dim)
-
-  def forward(self, x):
-    b, n, c = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = ((q @ k.transpose(-2, -1)) * (c // self.heads) ** -0.5).softmax(dim=-1)
-    return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class TMLP(tnn.Module):
-  def __init__(self, dim, hidden):
-    super().__init__()
-    self.fc1, self.act, self.fc2 = tnn.Linear(dim, hidden), tnn.GELU(), tnn.Linear(hidden, dim)
-
-  def forward(self, x):
-    return self.fc2(self.act(self.fc1(x)))
-
-
-class TBlock(tnn.Module):
-  def __init__(self, dim, heads, hidden):
-    super().__init__()
-    self.norm1 = tnn.LayerNorm(dim, eps=1e-6)
-    self.attn = TAttention(dim, heads)
-    self.norm2 = tnn.LayerNorm(dim, eps=1e-6)
-    self.mlp = TMLP(dim, hidden)
-
-  def forward(self, x):
-    x = x + self.attn(self.norm1(x))
-    return x + self.mlp(self.norm2(x))
-
-
-class TPatchEmbed(tnn.Module):
-  def __init__(self, patch, dim):
-    super().__init__()
-    self.proj = tnn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-  def forward(self, x):
-    return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def apply_masks(x, masks):
-  """Official: gather each mask's tokens, concatenate the masks along the batch."""
-  return torch.cat([torch.gather(x, 1, m.unsqueeze(-1).repeat(1, 1, x.size(-1))) for m in masks])
-
-
-class TViT(tnn.Module):
-  def __init__(self, grid, patch, dim, depth, heads, hidden):
-    super().__init__()
-    self.patch_embed = TPatchEmbed(patch, dim)
-    pos = torch.from_numpy(official_sincos(dim, grid)).float()[None]
-    self.pos_embed = tnn.Parameter(pos, requires_grad=False)
-    self.blocks = tnn.ModuleList([TBlock(dim, heads, hidden) for _ in range(depth)])
-    self.norm = tnn.LayerNorm(dim, eps=1e-6)
-
-  def forward(self, x, masks=None):
-    x = self.patch_embed(x) + self.pos_embed
-    if masks is not None:
-      x = apply_masks(x, masks)
-    for blk in self.blocks:
-      x = blk(x)
-    return self.norm(x)
-
-
-class TPredictor(tnn.Module):
-  """I-JEPA's VisionTransformerPredictor; with `noise`, StoP's (A n + b + psi, no mask token)."""
-
-  def __init__(self, grid, enc_dim, dim, depth, heads):
-    super().__init__()
-    self.predictor_embed = tnn.Linear(enc_dim, dim)
-    self.mask_token = tnn.Parameter(torch.zeros(1, 1, dim))
-    pos = torch.from_numpy(official_sincos(dim, grid)).float()[None]
-    self.predictor_pos_embed = tnn.Parameter(pos, requires_grad=False)
-    self.predictor_blocks = tnn.ModuleList([TBlock(dim, heads, 4 * dim) for _ in range(depth)])
-    self.predictor_norm = tnn.LayerNorm(dim, eps=1e-6)
-    self.predictor_proj = tnn.Linear(dim, enc_dim)
-
-  def forward(self, x, masks_x, masks, noise=None):
-    b = x.size(0)
-    x = self.predictor_embed(x) + apply_masks(self.predictor_pos_embed.repeat(b, 1, 1), [masks_x])
-    n_ctx = x.size(1)
-    seqs = []
-    for i, m in enumerate(masks):
-      pos = apply_masks(self.predictor_pos_embed.repeat(b, 1, 1), [m])
-      if noise is None:
-        tokens = pos + self.mask_token
-      else:
-        tokens = pos + self.predictor_embed(noise[i])
-      seqs.append(torch.cat([x, tokens], dim=1))
-    x = torch.cat(seqs)  # target-major: row i * B + b
-    for blk in self.predictor_blocks:
-      x = blk(x)
-    return self.predictor_proj(self.predictor_norm(x)[:, n_ctx:])
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -169,21 +54,6 @@ def load_config(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def official_modules(config):
-  """Official-layout torch encoder, target encoder and predictor for `config`."""
-  width, depth, heads, ratio = config_base.vit_shape(config.model)
-  grid = config.model.image_size // config.model.patch_size
-  p = config.predictor
-  vit = (grid, config.model.patch_size, width, depth, heads, int(width * ratio))
-  return {
-    'encoder': TViT(*vit),
-    'target_encoder': TViT(*vit),
-    'predictor': TPredictor(
-      grid, width, p.width, p.depth, p.num_heads if p.num_heads > 0 else heads
-    ),
-  }
 
 
 def torch_models(config, seed=0):
@@ -248,7 +118,7 @@ def check_parity(config, params, mods, stop: bool):
     det = predictor.apply(pvars, feats, jnp.asarray(ctx), jnp.asarray(tgt), deterministic=True)
     n, b, kt = tgt.shape
     zeros = torch.zeros(n, b, kt, feats.shape[-1]) if stop else None
-    expect = mods['predictor'](t_feats, t_ctx, t_tgt, noise=zeros).reshape(n, b, kt, -1)
+    expect = mods['predictor'](t_feats, [t_ctx], t_tgt, noise=zeros).reshape(n, b, kt, -1)
     assert_rel_close(det, expect.numpy())
     if stop:
       pred, state = predictor.apply(
@@ -261,7 +131,7 @@ def check_parity(config, params, mods, stop: bool):
       )
       noise = np.asarray(state['intermediates']['noise'][0])  # [n, B, Kt, d_e], times sigma
       assert noise.shape == (n, b, kt, feats.shape[-1]) and np.std(noise) > 0.1
-      expect = mods['predictor'](t_feats, t_ctx, t_tgt, noise=torch.from_numpy(noise.copy()))
+      expect = mods['predictor'](t_feats, [t_ctx], t_tgt, noise=torch.from_numpy(noise.copy()))
       assert_rel_close(pred, expect.reshape(n, b, kt, -1).numpy())
       # The noise must change the output, or the check above proves nothing about it.
       assert np.max(np.abs(np.asarray(pred) - np.asarray(det))) > 1e-2 * np.max(np.abs(det))
@@ -364,6 +234,48 @@ def test_pos_embed_mismatch_warns_and_learned_pos_is_mapped(caplog):
   np.testing.assert_array_equal(
     params['predictor']['predictor_pos_embed'], sds['predictor']['predictor_pos_embed'][0]
   )
+
+
+def test_official_reference_draws_stop_noise_and_checkpointing_recomputes_exactly():
+  """The two switches bench/torch_reference.py relies on, beyond what the parity tests cover."""
+  config = make_config()
+  plain = torch_models(config)
+  torch.manual_seed(1)
+  stop = official_modules(config, sigma=0.25, checkpoint=True)
+  for part, mod in stop.items():
+    mod.load_state_dict(plain[part].state_dict())
+  images, ctx, tgt = inputs(config)
+  t_images = torch.from_numpy(images).permute(0, 3, 1, 2)
+  t_ctx, t_tgt = [torch.from_numpy(ctx)], [torch.from_numpy(m) for m in tgt]
+  with torch.no_grad():
+    feats = plain['encoder'](t_images, t_ctx)
+    masked = plain['predictor'](feats, t_ctx, t_tgt)  # sigma None: the mask token
+    torch.manual_seed(5)
+    drawn = stop['predictor'](feats, t_ctx, t_tgt)
+    torch.manual_seed(5)
+    again = stop['predictor'](feats, t_ctx, t_tgt)
+    torch.manual_seed(6)
+    other = stop['predictor'](feats, t_ctx, t_tgt)
+    zeros = [torch.zeros(m.shape + (feats.shape[-1],)) for m in t_tgt]
+    given = stop['predictor'](feats, t_ctx, t_tgt, noise=zeros)
+  np.testing.assert_array_equal(drawn.numpy(), again.numpy())  # torch's seed decides the noise
+  assert not torch.allclose(drawn, other, atol=1e-3)
+  assert not torch.allclose(drawn, given, atol=1e-3)  # sigma draws noise when none is given
+  assert not torch.allclose(masked, given, atol=1e-3)  # the random mask token is used only then
+
+  # StoP's checkpointed blocks recompute the same forward: same loss, same gradients.
+  grads = {}
+  for name, mods in (('plain', plain), ('checkpointed', stop)):
+    for mod in mods.values():
+      mod.zero_grad()
+    out = mods['predictor'](mods['encoder'](t_images, t_ctx), t_ctx, t_tgt, noise=zeros)
+    out.square().mean().backward()
+    grads[name] = {
+      n: t.grad.clone() for n, t in mods['encoder'].named_parameters() if t.grad is not None
+    }
+  assert len(grads['plain']) == len(grads['checkpointed']) > 10
+  for n, g in grads['plain'].items():
+    torch.testing.assert_close(grads['checkpointed'][n], g, rtol=1e-5, atol=1e-7)
 
 
 def test_untied_mode_names_its_extra_projection():
