@@ -147,6 +147,10 @@ class FeatureExtractor:
       ({feature_type: np.float32 [G, dim]}, labels int32 [G], valid bool [G]) with G the
       global batch, process-major order.
     """
+    return self.fetch(self.dispatch(images, labels, valid))
+
+  def dispatch(self, images: np.ndarray, labels: np.ndarray | None = None, valid=None):
+    """`__call__` without waiting: the jitted extraction's device arrays, still computing."""
     b = len(images)
     if b > self.local_batch:
       raise ValueError(f'{b} rows exceed the local batch of {self.local_batch}.')
@@ -159,9 +163,15 @@ class FeatureExtractor:
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
       valid = np.concatenate([valid, np.zeros((pad,), bool)])
     to_global = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
-    feats, labels, valid = self._fn(
-      self.params, to_global(images), to_global(labels), to_global(valid)
-    )
+    out = self._fn(self.params, to_global(images), to_global(labels), to_global(valid))
+    for x in jax.tree.leaves(out):
+      x.copy_to_host_async()  # the copy starts as soon as the batch is done, not when fetched
+    return out
+
+  @staticmethod
+  def fetch(dispatched):
+    """Waits for `dispatch`'s result and brings it to the host, as `__call__` returns it."""
+    feats, labels, valid = dispatched
     return {k: np.asarray(v) for k, v in feats.items()}, np.asarray(labels), np.asarray(valid)
 
 
@@ -170,18 +180,30 @@ def extract_from_batches(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Runs a stream of local batches ({'image', 'label', optional 'valid'}) through extractor.
 
+  One batch stays in flight: batch i + 1 is read and dispatched before batch i's features are
+  fetched, so the input pipeline and the host copy overlap the accelerator's work.
+
   Returns:
     ({feature_type: float32 [N, dim]}, int32 labels [N]) over the valid rows of all processes.
   """
   feats = {t: [] for t in extractor.feature_types}
   labels = []
-  for batch in batches:
-    f, y, v = extractor(batch['image'], batch.get('label'), batch.get('valid'))
+
+  def keep(dispatched):
+    f, y, v = extractor.fetch(dispatched)
     for t in feats:
       feats[t].append(f[t][v])
     labels.append(y[v])
-  if not labels:
+
+  pending = None
+  for batch in batches:
+    dispatched = extractor.dispatch(batch['image'], batch.get('label'), batch.get('valid'))
+    if pending is not None:
+      keep(pending)
+    pending = dispatched
+  if pending is None:
     raise ValueError('no batches to extract features from.')
+  keep(pending)
   return {t: np.concatenate(x) for t, x in feats.items()}, np.concatenate(labels)
 
 

@@ -83,6 +83,35 @@ def test_extractors_share_one_compilation(encoder_and_params):
   assert a._fn._cache_size() == size
 
 
+def test_extraction_keeps_one_batch_in_flight(encoder_and_params):
+  enc, params = encoder_and_params
+  ex = features.FeatureExtractor(enc, params, 4, ('last',))
+  images, events = _images(10), []
+  dispatch, fetch = ex.dispatch, ex.fetch
+
+  def recording_dispatch(images, labels=None, valid=None):
+    tag = sum(e.startswith('dispatch') for e in events)
+    events.append(f'dispatch {tag}')
+    return dispatch(images, labels, valid), tag
+
+  def recording_fetch(tagged):
+    out, tag = tagged
+    events.append(f'fetch {tag}')
+    return fetch(out)
+
+  ex.dispatch, ex.fetch = recording_dispatch, recording_fetch
+  batches = [{'image': images[i : i + 4], 'label': np.arange(i, min(i + 4, 10))} for i in (0, 4, 8)]
+  feats, labels = features.extract_from_batches(ex, batches)
+  # Batch i + 1 is on its way before batch i is waited for; the last one is fetched too.
+  assert events == ['dispatch 0', 'dispatch 1', 'fetch 0', 'dispatch 2', 'fetch 1', 'fetch 2']
+  np.testing.assert_array_equal(labels, np.arange(10))
+  ex.dispatch, ex.fetch = dispatch, fetch
+  one_by_one = np.concatenate([ex(b['image'])[0]['last'][: len(b['image'])] for b in batches])
+  np.testing.assert_allclose(feats['last'], one_by_one, atol=1e-6)
+  with pytest.raises(ValueError, match='no batches'):
+    features.extract_from_batches(ex, [])
+
+
 def test_feature_type_errors(encoder_and_params):
   enc, params = encoder_and_params
   with pytest.raises(ValueError, match="'last8' is not allowed"):
