@@ -19,10 +19,8 @@ The notebooks in `notebooks/` only call what is here.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +31,6 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
-import stop_jax
 from stop_jax import checkpointing, config_base, masking, models, train
 from stop_jax.models.layers import INIT, sincos_2d
 
@@ -100,36 +97,6 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   return Run(workdir, config, int(step), params, nn.meta.unbox(tree['target_params']))
 
 
-def find_config_file(name: str) -> pathlib.Path:
-  """A config file by path, or by name in the `configs/` folder of the repository.
-
-  The folder is looked for next to the package (editable install), in the working directory and
-  in its parent (a notebook run from `notebooks/`).
-  """
-  path = pathlib.Path(name)
-  if path.is_file():
-    return path
-  roots = [pathlib.Path(stop_jax.__file__).resolve().parent.parent, pathlib.Path.cwd()]
-  roots.append(pathlib.Path.cwd().parent)
-  for root in roots:
-    candidate = root / 'configs' / name
-    if candidate.is_file():
-      return candidate
-  raise FileNotFoundError(
-    f'config file {name!r} not found as a path nor in {[str(r / "configs") for r in roots]}: '
-    'run from a clone of the stop_jax repository.'
-  )
-
-
-def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file, as `--config=configs/NAME:ARG` would give it."""
-  path = find_config_file(name)
-  spec = importlib.util.spec_from_file_location(f'stop_jax_config_{path.stem}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def tiny_config(
   steps: int, overrides: Mapping[str, Any] | None = None, log_every_steps: int = 5
 ) -> ml_collections.ConfigDict:
@@ -142,7 +109,7 @@ def tiny_config(
   """
   if steps < 1:
     raise ValueError(f'steps={steps}: a run needs at least one step.')
-  config = load_config_file('tiny.py', f'steps={steps}')
+  config = config_base.load_config_file('tiny.py', f'steps={steps}')
   config.eval.probe = False
   config.log_every_steps = log_every_steps
   config.checkpoint.every_steps = 0  # Only the final state: what the analysis reads.

@@ -7,9 +7,11 @@ turns every value a user can set into an early, named error before anything is c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import pathlib
 
 import ml_collections
 from absl import logging
@@ -289,6 +291,38 @@ def parse_arg(arg: str | None, **defaults):
     kind = type(defaults[key])
     result[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
   return ml_collections.ConfigDict(result)
+
+
+def find_config_file(name: str) -> pathlib.Path:
+  """A config file by path, or by name under the repository's `configs/` ('tiny.py',
+  'eval/knn.py').
+
+  The folder is looked for next to the package (editable install), in the working directory and
+  in its parent (a notebook run from `notebooks/`).
+  """
+  path = pathlib.Path(name)
+  if path.is_file():
+    return path
+  roots = [pathlib.Path(__file__).resolve().parent.parent, pathlib.Path.cwd()]
+  roots.append(pathlib.Path.cwd().parent)
+  for root in roots:
+    candidate = root / 'configs' / name
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(
+    f'config file {name!r} not found as a path nor in {[str(r / "configs") for r in roots]}: '
+    'run from a clone of the stop_jax repository.'
+  )
+
+
+def load_config_file(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of a file, as `--config=configs/NAME[:ARG]` gives it: `get_config(arg)`, or
+  `get_config()` without an arg (the recipes take none)."""
+  path = find_config_file(name)
+  spec = importlib.util.spec_from_file_location(f'stop_jax_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def vit_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int, float]:

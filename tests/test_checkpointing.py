@@ -5,7 +5,6 @@ what it left in its workdir (copies, when a test damages or extends it). The kil
 and 8 -> 4 device scenarios run `python -m stop_jax.main` in tests/test_fault_tolerance.py.
 """
 
-import importlib.util
 import json
 import logging
 import os
@@ -17,14 +16,9 @@ import pytest
 
 from stop_jax import checkpointing, config_base, input_pipeline, sharding, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _config(steps: int, **checkpoint):
-  spec = importlib.util.spec_from_file_location('tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f'steps={steps}')
+  c = config_base.load_config_file('tiny.py', f'steps={steps}')
   c.model.depth, c.predictor.depth = 2, 1  # keep CI fast; the step code is the same
   c.data.global_batch_size = 32
   c.log_every_steps = 1

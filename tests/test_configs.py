@@ -1,7 +1,7 @@
 """Configs: every file loads and validates; bad values fail early with the key's name."""
 
+import ast
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,21 +15,21 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 
 
 def _load(path, arg=None):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module, (module.get_config(arg) if arg is not None else module.get_config())
+  """(the file's docstring, its config) for a path under configs/."""
+  with open(path) as f:
+    doc = ast.get_docstring(ast.parse(f.read()))
+  return doc, config_base.load_config_file(path, arg)
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
 def test_every_config_validates_is_locked_and_documents_its_command(path):
-  module, c = _load(path)
+  doc, c = _load(path)
   config_base.validate(c)
   with pytest.raises(AttributeError):
     c.stop.sgima = 0.1  # a typo is an error, never a silently new key
   name = os.path.basename(path)
-  assert f'python -m stop_jax.main --config=configs/{name}' in module.__doc__
-  assert 'xpected' in module.__doc__  # what it should produce
+  assert f'python -m stop_jax.main --config=configs/{name}' in doc
+  assert 'xpected' in doc  # what it should produce
 
 
 def test_recipes_match_the_paper_tables():
@@ -40,6 +40,15 @@ def test_recipes_match_the_paper_tables():
   assert (h.predictor.depth, h.stop.sigma, h.model.patch_size) == (12, 0.2, 14)
   assert h.optim.constant_lr_after_epoch == 250
   assert config_base.vit_shape(h.model)[:3] == (1280, 32, 16)
+
+
+def test_config_files_load_by_name_as_the_command_line_gives_them(monkeypatch, tmp_path):
+  monkeypatch.chdir(tmp_path)  # found next to the package, not through the working directory
+  assert config_base.load_config_file('vitb16.py').model.variant == 'base'  # get_config()
+  assert config_base.load_config_file('tiny.py', 'steps=7').total_steps == 7
+  assert config_base.load_config_file('eval/knn.py').eval.protocol == 'knn'
+  with pytest.raises(FileNotFoundError, match="'vitb61.py' not found"):
+    config_base.load_config_file('vitb61.py')
 
 
 def test_ablation_variants_select_the_right_switches():

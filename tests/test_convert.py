@@ -8,7 +8,6 @@ checkpoint, converted, and must agree with our models to 1e-4 relative.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -47,13 +46,6 @@ def make_config(**model):
     else:
       c.model[k] = v
   return config_base.lock(c)
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def torch_models(config, seed=0):
@@ -334,7 +326,7 @@ def test_package_works_without_torch():
 )
 def test_official_layout_of_real_configs(name, overrides):
   """Keys and shapes we expect == the official modules' state dicts (meta tensors, no memory)."""
-  config = load_config(name)
+  config = config_base.load_config_file(name)
   for k, v in overrides.items():
     config.model[k] = v
   with torch.device('meta'):
@@ -348,7 +340,7 @@ def test_official_layout_of_real_configs(name, overrides):
 
 def test_cli_end_to_end(tmp_path):
   # configs/tiny.py (width 64, depth 4, patch 4, image 32, predictor 64 x 2) with overrides.
-  config = load_config('tiny.py')
+  config = config_base.load_config_file('tiny.py')
   config.model.gelu, config.model.scan_blocks = 'exact', True
   mods = torch_models(config, seed=2)
   path, out = str(tmp_path / 'ckpt.pth.tar'), str(tmp_path / 'converted')

@@ -374,13 +374,7 @@ def test_head_optimizer_decays_kernel_not_bias(kind):
 
 
 def _eval_config(name, arg=None):
-  import importlib.util
-
-  path = os.path.join(ROOT, 'configs', 'eval', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'eval_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_base.load_config_file(f'eval/{name}.py', arg)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,18 +18,11 @@ from stop_jax import checkpointing, config_base, evaluate, export, features, mod
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_config(path, arg=None):
-  spec = importlib.util.spec_from_file_location('cfg', os.path.join(ROOT, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   """configs/tiny.py trained for 2 steps (no probe): a real run directory."""
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
-  config = _load_config('configs/tiny.py', 'steps=2')
+  config = config_base.load_config_file('tiny.py', 'steps=2')
   config.eval.probe = False
   trainer.train_and_evaluate(config, workdir)
   return workdir
@@ -72,7 +64,7 @@ def test_export_round_trip(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_logreg_writes_json_and_reuses_cached_features(tiny_run, monkeypatch):
-  config = _load_config('configs/eval/tiny.py')
+  config = config_base.load_config_file('eval/tiny.py')
   config.eval.probe_l2 = (1e-2,)
   record = evaluate.evaluate(config, tiny_run)
   path = os.path.join(tiny_run, 'eval', 'tiny_logreg.json')

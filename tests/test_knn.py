@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stop_jax import knn, models
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stop_jax import config_base, knn, models
 
 
 def _reference_scores(train_x, train_y, test_x, num_classes, k, temperature):
@@ -74,10 +69,7 @@ def test_bad_arguments_fail_early():
 
 
 def test_knn_eval_on_the_tiny_run_data():
-  spec = importlib.util.spec_from_file_location('tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_base.load_config_file('tiny.py')
   config.eval.knn_max_examples = 300
   encoder = models.build_encoder(config)
   size = config.model.image_size

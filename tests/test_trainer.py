@@ -6,9 +6,8 @@ import os
 
 import pytest
 
-from stop_jax import trainer
+from stop_jax import config_base, trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = {
   'loss',
   'lr',
@@ -26,12 +25,7 @@ METRIC_KEYS = {
 
 
 def _tiny(steps):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location('tiny', os.path.join(ROOT, 'configs', 'tiny.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config(f'steps={steps}')
+  c = config_base.load_config_file('tiny.py', f'steps={steps}')
   c.model.depth, c.predictor.depth = 2, 1  # keep CI fast; the step code is the same
   c.log_every_steps = 5
   c.checkpoint.every_steps = 20
