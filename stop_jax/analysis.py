@@ -1,6 +1,6 @@
 """Looking inside trained runs: the paper's Figs. 4, 5 and 6 as tested functions and plots.
 
-The notebooks in `notebooks/` only call what is here.
+The analysis notebooks in `notebooks/` (all but the quickstart) only call what is here.
 
 - Fig. 5 (`position_similarity_maps`): a stochastic masked-token position
   `m_j = A n_j + b + psi_j`, `n_j ~ N(0, sigma^2 I_{d_e})`, compared with every fixed sin-cos

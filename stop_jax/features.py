@@ -181,7 +181,9 @@ def extract_from_batches(
   """Runs a stream of local batches ({'image', 'label', optional 'valid'}) through extractor.
 
   One batch stays in flight: batch i + 1 is read and dispatched before batch i's features are
-  fetched, so the input pipeline and the host copy overlap the accelerator's work.
+  fetched, so the input pipeline and the host copy overlap the accelerator's work. The stream
+  must therefore hand out fresh arrays, not refill one buffer (on CPU a dispatched batch may still
+  read the caller's memory while the next one is produced).
 
   Returns:
     ({feature_type: float32 [N, dim]}, int32 labels [N]) over the valid rows of all processes.

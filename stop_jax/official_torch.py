@@ -162,6 +162,9 @@ class Predictor(nn.Module):
     """x_enc [B, Kc, De]; masks_x: [[B, Kc]]; masks: n x [B, Kt]; noise: n x [B, Kt, De] (given
     noise wins; else N(0, sigma^2) from torch's global generator when `sigma` is set; else the
     mask token). Returns [n * B, Kt, De]."""
+    if len(masks_x) != 1:
+      # The official code folds several context masks into the batch; StoP trains with one.
+      raise ValueError(f'{len(masks_x)} context masks: this reference takes one context mask.')
     x = self.predictor_embed(x_enc)  # [B, Kc, Dp]
     b, n_ctx, _ = x.shape
     x = x + apply_masks(self.predictor_pos_embed.repeat(b, 1, 1), masks_x)

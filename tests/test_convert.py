@@ -239,33 +239,59 @@ def test_official_reference_draws_stop_noise_and_checkpointing_recomputes_exactl
   images, ctx, tgt = inputs(config)
   t_images = torch.from_numpy(images).permute(0, 3, 1, 2)
   t_ctx, t_tgt = [torch.from_numpy(ctx)], [torch.from_numpy(m) for m in tgt]
+  embedded = []  # every input of the tied Linear: the context features, then each block's noise
+  hook = stop['predictor'].predictor_embed.register_forward_pre_hook(
+    lambda _, args: embedded.append(args[0])
+  )
   with torch.no_grad():
     feats = plain['encoder'](t_images, t_ctx)
     masked = plain['predictor'](feats, t_ctx, t_tgt)  # sigma None: the mask token
     torch.manual_seed(5)
     drawn = stop['predictor'](feats, t_ctx, t_tgt)
+    noise = torch.cat(embedded[1:])  # [n * B, Kt, De]
     torch.manual_seed(5)
     again = stop['predictor'](feats, t_ctx, t_tgt)
     torch.manual_seed(6)
     other = stop['predictor'](feats, t_ctx, t_tgt)
     zeros = [torch.zeros(m.shape + (feats.shape[-1],)) for m in t_tgt]
     given = stop['predictor'](feats, t_ctx, t_tgt, noise=zeros)
+  hook.remove()
+  # sigma is a standard deviation, drawn in the encoder's width for each target token.
+  assert noise.shape == (len(tgt) * tgt.shape[1], tgt.shape[2], feats.shape[-1])
+  assert abs(noise.std().item() - 0.25) < 0.02 and abs(noise.mean().item()) < 0.02
   np.testing.assert_array_equal(drawn.numpy(), again.numpy())  # torch's seed decides the noise
   assert not torch.allclose(drawn, other, atol=1e-3)
   assert not torch.allclose(drawn, given, atol=1e-3)  # sigma draws noise when none is given
   assert not torch.allclose(masked, given, atol=1e-3)  # the random mask token is used only then
+  with pytest.raises(ValueError, match='one context mask'):
+    stop['predictor'](feats, t_ctx * 2, t_tgt)
 
-  # StoP's checkpointed blocks recompute the same forward: same loss, same gradients.
-  grads = {}
+  # StoP's checkpointed blocks run attn and mlp again in the backward, and compute the same
+  # forward: same output, same gradients everywhere.
+  outs, grads, attn_calls = {}, {}, {}
   for name, mods in (('plain', plain), ('checkpointed', stop)):
+    calls = []
+    counter = (
+      mods['predictor']
+      .predictor_blocks[0]
+      .attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+    )
     for mod in mods.values():
       mod.zero_grad()
     out = mods['predictor'](mods['encoder'](t_images, t_ctx), t_ctx, t_tgt, noise=zeros)
     out.square().mean().backward()
+    counter.remove()
+    outs[name], attn_calls[name] = out.detach(), len(calls)
     grads[name] = {
-      n: t.grad.clone() for n, t in mods['encoder'].named_parameters() if t.grad is not None
+      f'{part}.{n}': t.grad.clone()
+      for part in ('encoder', 'predictor')
+      for n, t in mods[part].named_parameters()
+      if t.grad is not None
     }
-  assert len(grads['plain']) == len(grads['checkpointed']) > 10
+  assert attn_calls == {'plain': 1, 'checkpointed': 2}
+  torch.testing.assert_close(outs['checkpointed'], outs['plain'], rtol=1e-6, atol=1e-7)
+  assert grads['plain'].keys() == grads['checkpointed'].keys()
+  assert any(k.startswith('predictor.') for k in grads['plain']) and len(grads['plain']) > 20
   for n, g in grads['plain'].items():
     torch.testing.assert_close(grads['checkpointed'][n], g, rtol=1e-5, atol=1e-7)
 
