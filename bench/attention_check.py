@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from stop_jax import models, train  # noqa: E402
+from stop_jax import models  # noqa: E402
+from stop_jax.train import step as step_lib  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_step as bench_step  # noqa: E402
@@ -27,10 +28,10 @@ import train_step as bench_step  # noqa: E402
 
 def loss_and_grads(config, batch):
   encoder, predictor = models.build_encoder(config), models.build_predictor(config)
-  params = train.init_params(encoder, predictor, config, jax.random.key(0))
+  params = step_lib.init_params(encoder, predictor, config, jax.random.key(0))
   target = params['encoder']
-  feats = train.target_features(encoder, target, batch['image'])
-  targets = train.gather_targets(feats, batch['tgt_idx'])
+  feats = step_lib.target_features(encoder, target, batch['image'])
+  targets = step_lib.gather_targets(feats, batch['tgt_idx'])
 
   def loss_fn(p):
     ctx = encoder.apply(
@@ -46,7 +47,7 @@ def loss_and_grads(config, batch):
       rngs={'stop': jax.random.key(3)},
       mutable=['stats', 'intermediates'],
     )
-    return train.prediction_loss(pred, targets, batch['tgt_valid'])
+    return step_lib.prediction_loss(pred, targets, batch['tgt_valid'])
 
   return jax.jit(jax.value_and_grad(loss_fn))(params)
 

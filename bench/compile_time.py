@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stop_jax import host_devices  # noqa: E402
+from stop_jax.runtime import host_devices  # noqa: E402
 
 host_devices.simulate_from_argv(sys.argv, default=8)
 
@@ -24,7 +24,9 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stop_jax import masking, sharding, trainer  # noqa: E402
+from stop_jax.data import masking  # noqa: E402
+from stop_jax.runtime import sharding  # noqa: E402
+from stop_jax.train import loop as trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/vith14.py', 'Config file.')
 _DEPTHS = flags.DEFINE_list('depths', ['8', '16', '32'], 'Encoder depths to compile.')

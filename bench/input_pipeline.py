@@ -42,7 +42,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from stop_jax import config_base, input_pipeline, masking  # noqa: E402
+from stop_jax import config as config_lib  # noqa: E402
+from stop_jax.data import masking  # noqa: E402
+from stop_jax.data import pipeline as input_pipeline  # noqa: E402
 
 flags.DEFINE_integer('num_images', 512, 'Generated JPEGs (cycled through: epochs repeat).')
 flags.DEFINE_integer('batch', 64, 'Global batch of the pipeline runs (one process).')
@@ -88,7 +90,7 @@ def make_data(workdir: str, num_images: int) -> tuple[str, str, float]:
 
 
 def pipeline_config(source: str, root: str, tfds_dir: str, batch: int, **data):
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.model.image_size, c.model.patch_size = 224, 16
   c.data.source = source
   c.data.data_dir = root if source == 'folder' else tfds_dir
@@ -97,7 +99,7 @@ def pipeline_config(source: str, root: str, tfds_dir: str, batch: int, **data):
   c.data.shuffle_window = 256  # A few windows per epoch of the small generated set.
   for k, v in data.items():
     c.data[k] = v
-  config_base.validate(c)
+  config_lib.validate(c)
   return c
 
 

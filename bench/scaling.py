@@ -39,7 +39,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stop_jax import host_devices  # noqa: E402
+from stop_jax.runtime import host_devices  # noqa: E402
 
 if __name__ == '__main__':
   host_devices.simulate_from_argv(sys.argv, default=64)
@@ -169,12 +169,15 @@ def main(argv):
   import jax
   import train_step as bench_step
 
-  from stop_jax import config_base, masking, sharding, trainer
+  from stop_jax import config as config_lib
+  from stop_jax.data import masking
+  from stop_jax.runtime import sharding
+  from stop_jax.train import loop as trainer
 
   config = _CONFIG.value
   config.model.dtype = 'bfloat16'
   config.model.scan_blocks = False  # while-loop bodies would hide per-layer collectives
-  _, depth_real, _, _ = config_base.vit_shape(config.model)
+  _, depth_real, _, _ = config_lib.vit_shape(config.model)
   n = jax.device_count()
   config.data.global_batch_size = _BATCH.value * n
   meshes = {

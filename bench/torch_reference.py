@@ -16,7 +16,7 @@ indices, from our `masking.sample_masks` as `train_step.make_batch` draws them (
 
 The PyTorch side is a CPU re-implementation of the official StoP training step (amirbar/StoP
 `main.py` and `src/deit.py`, itself I-JEPA's `src/train.py` and `vision_transformer.py` plus the
-noise) on the official-layout modules of `stop_jax/official_torch.py`, the same ones the
+noise) on the official-layout modules of `reference/official_torch.py`, the same ones the
 checkpoint-import parity test (`tests/test_convert.py`) checks our models against. One step:
   1. target encoder on all 196 tokens under no_grad, F.layer_norm, gather each target block;
   2. context encoder on the context tokens; the predictor runs the context concatenated with each
@@ -68,7 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == '__main__':
   # Both steps run in this process, so both get the trainer's huge-page malloc (fair).
-  from stop_jax import host_devices
+  from stop_jax.runtime import host_devices
 
   host_devices.restart_with_hugepage_malloc()
 
@@ -80,7 +80,9 @@ import train_step  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stop_jax import config_base, official_torch, trainer  # noqa: E402
+from reference import official_torch  # noqa: E402
+from stop_jax import config as config_lib  # noqa: E402
+from stop_jax.train import loop as trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -108,7 +110,7 @@ _MIN_CPU_USE = 0.8
 
 
 # ---------------------------------------------------------------------------------------------
-# The official step, on the official-layout modules of `stop_jax.official_torch`.
+# The official step, on the official-layout modules of `reference.official_torch`.
 
 
 def build_official(config, checkpoint: bool, seed: int = 0):
@@ -199,7 +201,7 @@ def executed_flops(config, k_ctx: int, k_tgt: int, batch: int, checkpoint: bool)
   useful = train_step.model_flops(config, k_ctx, k_tgt, batch)['total']
   if not checkpoint:
     return useful
-  width, depth, _, ratio = config_base.vit_shape(config.model)
+  width, depth, _, ratio = config_lib.vit_shape(config.model)
   p = config.predictor
   encoder = depth * train_step._block_flops(k_ctx, width, int(width * ratio))
   pred = (
@@ -314,7 +316,7 @@ def run(
   official = _summary(times['official'], batch_size, useful_gflop)
   official['executed_gflops'] = executed_gflop / official['step_s_median']
   ours = _summary(times['ours'], batch_size, useful_gflop)
-  width, depth, heads, _ = config_base.vit_shape(config.model)
+  width, depth, heads, _ = config_lib.vit_shape(config.model)
   return {
     'setting': 'vit_ti16',
     'encoder': f'{width} x {depth}, {heads} heads',

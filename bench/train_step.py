@@ -7,7 +7,7 @@ Commands (from the repo root):
   # A preset with overrides: this file is also a config file (`get_config`).
   python bench/train_step.py --config=bench/train_step.py:vit_ti16 --config.model.scan_blocks=True
 
-It times `train.make_train_step` exactly as the trainer runs it (jitted, state donated) on one
+It times `step_lib.make_train_step` exactly as the trainer runs it (jitted, state donated) on one
 fixed batch of synthetic normalised images with real masks from `masking.sample_masks`, so it
 measures the model and optimiser, not the input pipeline. `--preset=vit_ti16` is the reference
 CPU setting of the issue: ViT-Ti/16 at 224, predictor 384 wide, 6 deep, 3 heads, 4 target
@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 if __name__ == '__main__':
   # As the trainer does (stop_jax/main.py): huge-page malloc for XLA:CPU's per-step temporaries.
-  from stop_jax import host_devices
+  from stop_jax.runtime import host_devices
 
   host_devices.restart_with_hugepage_malloc()
 
@@ -57,8 +57,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stop_jax import config_base, masking, models, train, trainer  # noqa: E402
-from stop_jax.schedules import Schedules  # noqa: E402
+from stop_jax import config as config_lib  # noqa: E402
+from stop_jax import models
+from stop_jax.data import masking  # noqa: E402
+from stop_jax.train import loop as trainer  # noqa: E402
+from stop_jax.train import step as step_lib
+from stop_jax.train.schedules import Schedules  # noqa: E402
 
 # Only sets the schedule horizon, which changes values, never the cost of a step.
 _STEPS_PER_EPOCH = 1000
@@ -70,7 +74,7 @@ def vit_ti16_config() -> ml_collections.ConfigDict:
   Blocks unrolled and oneDNN dots (the default `xla_cpu_matmul`): the faster CPU setting for a
   model this small (bench/README.md has the scanned and YNNPACK rows beside it).
   """
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.model.variant = 'tiny'
   c.model.patch_size, c.model.image_size = 16, 224
   c.model.dtype = 'float32'
@@ -79,7 +83,7 @@ def vit_ti16_config() -> ml_collections.ConfigDict:
   c.data.source = 'synthetic'
   c.data.global_batch_size = 16
   c.model.scan_blocks = False  # 12 + 6 blocks unrolled compile in ~15 s here; ~10% faster steps
-  return config_base.lock(c)
+  return config_lib.lock(c)
 
 
 PRESETS = {'vit_ti16': vit_ti16_config}
@@ -129,7 +133,7 @@ def model_flops(config, k_ctx: int, k_tgt: int, batch: int) -> dict[str, float]:
     forward pieces `*_fwd` of the predictor, all in FLOPs per step (floats).
   """
   m = config.model
-  d_e, depth, _, ratio = config_base.vit_shape(m)
+  d_e, depth, _, ratio = config_lib.vit_shape(m)
   mlp_e = int(d_e * ratio)
   n_tok = (m.image_size // m.patch_size) ** 2
   patch_dim = m.patch_size * m.patch_size * 3
@@ -174,7 +178,7 @@ def matmul_peak_gflops(size: int = 2048, dtype=jnp.float32, repeats: int = 8) ->
   lowered = jax.jit(jnp.matmul).lower(a, b)
   options = [{}]
   if jax.default_backend() == 'cpu':
-    config = config_base.base_config()
+    config = config_lib.base_config()
     for library in ('onednn', 'eigen'):
       config.xla_cpu_matmul = library
       options.append(trainer.compiler_options(config, 'cpu'))
@@ -233,19 +237,19 @@ def make_batch(config, batch_size: int) -> dict:
 def build_step(config):
   """(jitted donated step, initial state) as the trainer builds them, on one device."""
   encoder, predictor = models.build_encoder(config), models.build_predictor(config)
-  tx = train.make_optimizer(config)
+  tx = step_lib.make_optimizer(config)
   schedules = Schedules.from_config(config, _STEPS_PER_EPOCH)
-  state = jax.jit(lambda r: train.create_train_state(encoder, predictor, tx, config, r))(
+  state = jax.jit(lambda r: step_lib.create_train_state(encoder, predictor, tx, config, r))(
     jax.random.key(config.seed)
   )
   step_fn = jax.jit(
-    train.make_train_step(config, encoder, predictor, tx, schedules), donate_argnums=(0,)
+    step_lib.make_train_step(config, encoder, predictor, tx, schedules), donate_argnums=(0,)
   )
   return step_fn, state
 
 
 def bench(config, steps: int, warmup: int, xla_unrolled: bool, peak_size: int) -> dict:
-  config_base.validate(config)
+  config_lib.validate(config)
   load_at_start = os.getloadavg()[0]  # before we add our own load
   # Measured before and after the steps, best kept: on a shared machine either may be slowed.
   # In the compute dtype: a bfloat16 step is compared with the bfloat16 peak.
@@ -307,7 +311,7 @@ def bench(config, steps: int, warmup: int, xla_unrolled: bool, peak_size: int) -
   n_params = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in state.params.items()}
   valid_ctx = float(np.mean(np.sum(np.asarray(batch['ctx_valid']), axis=-1)))
   valid_tgt = float(np.mean(np.sum(np.asarray(batch['tgt_valid']), axis=-1)))
-  width, depth, heads, _ = config_base.vit_shape(config.model)
+  width, depth, heads, _ = config_lib.vit_shape(config.model)
   return {
     'backend': jax.default_backend(),
     'device': str(jax.devices()[0].device_kind),

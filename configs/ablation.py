@@ -16,18 +16,18 @@ Variants (paper Sec. 4.2; evaluated with the IN-1k 1% linear probe):
 Expected: StoP beats sincos on IN-1k 1% (paper: +3.2 points at this setting).
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 VARIANTS = ('stop', 'sincos', 'learned_pos', 'context', 'both', 'fixed_cov', 'untied', 'l1', 'l2')
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, variant='stop')
+  args = config_lib.parse_arg(arg, variant='stop')
   if args.variant not in VARIANTS:
-    raise config_base.ConfigError(
+    raise config_lib.ConfigError(
       f'ablation variant={args.variant!r} is not allowed: one of {VARIANTS}.'
     )
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.model.variant = 'base'
   c.model.patch_size = 16
   c.predictor.depth = 6
@@ -47,4 +47,4 @@ def get_config(arg=None):
     c.stop.reg = v
     # The paper does not state the penalty weight; this is a starting point to sweep.
     c.stop.reg_weight = 1e-5 if v == 'l1' else 1e-4
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -13,12 +13,12 @@ pretrained probe clearly above the random-init one (see README for the measured 
 `--config=configs/tiny.py:steps=30` shortens the run (smoke tests).
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, steps=-1)
-  c = config_base.base_config()
+  args = config_lib.parse_arg(arg, steps=-1)
+  c = config_lib.base_config()
   c.model.variant = 'tiny'
   c.model.width, c.model.depth, c.model.num_heads = 64, 4, 4
   c.model.image_size, c.model.patch_size = 32, 4
@@ -47,4 +47,4 @@ def get_config(arg=None):
   c.log_every_steps = 50
   c.checkpoint.every_steps = 500
   c.eval.probe_max_examples = 2000
-  return config_base.lock(c)
+  return config_lib.lock(c)

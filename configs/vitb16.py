@@ -9,11 +9,11 @@ chips). Expected result (paper Table 14): 74.5% IN-1k linear-probe top-1 with th
 encoder (I-JEPA without StoP: 72.9%).
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config():
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.model.variant = 'base'
   c.model.patch_size = 16
   c.predictor.depth = 6
@@ -22,4 +22,4 @@ def get_config():
   c.optim.warmup_epochs = 15
   c.optim.start_lr, c.optim.lr, c.optim.final_lr = 2e-4, 8e-4, 1e-6
   c.eval.probe = False  # IN-1k probes have their own command (configs/eval).
-  return config_base.lock(c)
+  return config_lib.lock(c)

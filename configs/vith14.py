@@ -10,11 +10,11 @@ with float32 params. Expected result (paper Table 14): 79.6% IN-1k linear-probe 
 (I-JEPA: 79.3%). Note: the released StoP ViT-H weights use patch 16 (`--config.model.patch_size=16`).
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config():
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.model.variant = 'huge'
   c.model.patch_size = 14
   c.model.dtype = 'bfloat16'
@@ -25,4 +25,4 @@ def get_config():
   c.optim.start_lr, c.optim.lr, c.optim.final_lr = 2e-4, 1e-3, 1e-6
   c.optim.constant_lr_after_epoch = 250
   c.eval.probe = False
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -8,11 +8,11 @@ Expects tfds `imagenet2012`; global batch 2048. Expected result (paper Table 14)
 linear-probe top-1 (I-JEPA: 77.5%).
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config():
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.model.variant = 'large'
   c.model.patch_size = 16
   c.predictor.depth = 12
@@ -21,4 +21,4 @@ def get_config():
   c.optim.warmup_epochs = 15
   c.optim.start_lr, c.optim.lr, c.optim.final_lr = 2e-4, 8e-4, 1e-6
   c.eval.probe = False
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -3,7 +3,7 @@ r"""Evaluates a frozen target encoder with the protocols of the StoP paper.
   python -m stop_jax.evaluate --config=configs/eval/in1k_1pct.py --workdir=WORKDIR [--step=N]
 
 WORKDIR is a pretraining run (its `config.json` and `checkpoints/`; the latest checkpoint unless
---step), a directory written by `stop_jax.export`, or one written by `stop_jax.convert`
+--step), a directory written by `stop_jax.eval.export`, or one written by `stop_jax.tools.convert`
 (official PyTorch weights). The model is rebuilt from the config saved there; the eval config
 (configs/eval/*.py) only contributes its `eval` group and seed.
 
@@ -31,17 +31,11 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from stop_jax import (
-  checkpointing,
-  config_base,
-  eval_input,
-  export,
-  features,
-  knn,
-  linear_eval,
-  models,
-  probe,
-)
+from stop_jax import config as config_lib
+from stop_jax import models
+from stop_jax.data import labelled as eval_input
+from stop_jax.eval import export, features, knn, linear, logreg
+from stop_jax.runtime import checkpointing
 
 CACHE_VERSION = 1  # Bump when the feature computation changes, so old cache files are ignored.
 
@@ -76,7 +70,7 @@ def load_model(path: str, step: int | None = None) -> LoadedModel:
   if os.path.exists(os.path.join(path, 'conversion.json')):  # convert.CONVERSION_FILE
     return _load_converted(path, step)
   if os.path.isdir(os.path.join(path, 'checkpoints')):
-    config = config_base.load_json(path)
+    config = config_lib.load_json(path)
     step, tree = checkpointing.load_checkpoint(path, step)
     return LoadedModel(config, tree['target_params'], int(step), 'checkpoint', path)
   if export.is_export_dir(path):
@@ -96,7 +90,7 @@ def load_model(path: str, step: int | None = None) -> LoadedModel:
 
 def _load_converted(path: str, step: int | None) -> LoadedModel:
   try:
-    from stop_jax import convert  # noqa: PLC0415 (optional: needs the converter's extras)
+    from stop_jax.tools import convert  # noqa: PLC0415 (optional: needs the converter's extras)
   except ImportError as e:
     raise FileNotFoundError(f'converted checkpoints cannot be read here ({e}).') from None
   config, params = convert.load_converted(path)
@@ -113,7 +107,7 @@ def merge_configs(
   for key in eval_config.eval.keys():
     config.eval[key] = eval_config.eval[key]
   config.seed = eval_config.seed
-  return config_base.lock(config)
+  return config_lib.lock(config)
 
 
 def result_name(config) -> str:
@@ -177,7 +171,7 @@ def _feature_protocol(config, encoder, model, train_spec, test_spec, feature_typ
   results = {}
   for t in feature_types:
     if e.protocol == 'logreg':
-      res = probe.linear_probe(
+      res = logreg.linear_probe(
         train_f[t], train_y, test_f[t], test_y, num_classes, tuple(e.probe_l2), seed=config.seed
       )
       res['top1'] = res['accuracy']
@@ -191,17 +185,17 @@ def _feature_protocol(config, encoder, model, train_spec, test_spec, feature_typ
 
 def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
   """Runs eval_config's protocol on WORKDIR's encoder; writes and returns the result record."""
-  config_base.validate(eval_config)
+  config_lib.validate(eval_config)
   t0 = time.perf_counter()
   model = load_model(workdir, step)
   config = merge_configs(model.config, eval_config)
-  config_base.validate(config)
+  config_lib.validate(config)
   e = config.eval
   encoder = models.build_encoder(config)
   feature_types = features.check_feature_types(e.feature_types, encoder.depth)
   size = e.image_size if e.image_size > 0 else config.model.image_size
   if size % config.model.patch_size:
-    raise config_base.ConfigError(
+    raise config_lib.ConfigError(
       f'config.eval.image_size={size} is not allowed: a multiple of the model patch size '
       f'{config.model.patch_size}.'
     )
@@ -209,7 +203,7 @@ def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | N
   test_spec = eval_input.from_eval_config(config, 'test', size)
 
   if e.protocol == 'linear':
-    res = linear_eval.linear_eval(config, encoder, model.params, train_spec, test_spec)
+    res = linear.linear_eval(config, encoder, model.params, train_spec, test_spec)
     results = {t: res[t] for t in feature_types}
     extra = {k: v for k, v in res.items() if k not in feature_types}
   else:

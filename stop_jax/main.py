@@ -14,7 +14,7 @@ import os
 if __name__ == '__main__':
   # Before anything heavy is imported: may restart the process once, with huge-page malloc
   # (see host_devices.restart_with_hugepage_malloc).
-  from stop_jax import host_devices
+  from stop_jax.runtime import host_devices
 
   host_devices.restart_with_hugepage_malloc()
 
@@ -22,7 +22,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stop_jax import distributed, trainer  # noqa: E402
+from stop_jax.runtime import distributed  # noqa: E402
+from stop_jax.train import loop as trainer  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:arg]).')
 flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, TensorBoard, checkpoints.')

@@ -14,7 +14,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from stop_jax import analysis
+from stop_jax.tools import analysis
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob('*.ipynb'))

@@ -16,12 +16,12 @@ training) and only the horizontal flip, which keeps the count, stays random.
 Expected (paper Table 4): ViT-B/16 StoP 83.7, ViT-L/16 85.7, ViT-H/14 88.0.
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.eval.protocol = 'linear'
   c.eval.source = 'tfds'
   c.eval.dataset = 'clevr'
@@ -34,4 +34,4 @@ def get_config(arg=None):
   c.eval.linear_lrs = (0.003, 0.01, 0.03, 0.1)
   c.eval.linear_epochs = 50
   c.eval.linear_batch_size = 512
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -14,12 +14,12 @@ Expected (paper Table 1, "1%, last layer"): ViT-B/16 StoP 60.3 (I-JEPA 57.1), Vi
 (64.2), ViT-H/14 65.4 (62.9).
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.eval.protocol = 'logreg'
   c.eval.source = 'tfds'
   c.eval.dataset = 'imagenet2012_subset/1pct'
@@ -27,4 +27,4 @@ def get_config(arg=None):
   c.eval.name = 'in1k_1pct'
   c.eval.image_size = 224
   c.eval.probe_l2 = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -13,12 +13,12 @@ Expected (paper Table 1, "100%"): ViT-B/16 StoP 72.6 last layer / 74.5 last 4 la
 77.1 / 78.5; ViT-H/14 79.0 / 79.6.
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.eval.protocol = 'linear'
   c.eval.source = 'tfds'
   c.eval.dataset = 'imagenet2012'
@@ -30,4 +30,4 @@ def get_config(arg=None):
   c.eval.linear_epochs = 100
   c.eval.linear_batch_size = 1024
   c.eval.log_every_steps = 500
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -10,12 +10,12 @@ must be in tfds' manual_dir). Trained on train, scored on validation.
 Expected (paper Table 4): ViT-B/16 StoP 44.7, ViT-L/16 49.2, ViT-H/14 50.9.
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.eval.protocol = 'linear'
   c.eval.source = 'tfds'
   c.eval.dataset = 'i_naturalist2018'
@@ -26,4 +26,4 @@ def get_config(arg=None):
   c.eval.linear_epochs = 84
   c.eval.linear_batch_size = 1024
   c.eval.log_every_steps = 500
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -12,12 +12,12 @@ one accelerator, a quick check that a checkpoint is healthy. Features are cached
 with another k or temperature only repeats the vote.
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.eval.protocol = 'knn'
   c.eval.source = 'tfds'
   c.eval.dataset = 'imagenet2012'
@@ -26,4 +26,4 @@ def get_config(arg=None):
   c.eval.name = 'knn_in1k'
   c.eval.image_size = 224
   c.eval.knn_k, c.eval.knn_temperature = 20, 0.07
-  return config_base.lock(c)
+  return config_lib.lock(c)

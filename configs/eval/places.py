@@ -11,12 +11,12 @@ to the paper's Places205 column: 365 classes instead of 205 make it a harder tas
 Expected (paper Table 4, Places205): ViT-B/16 StoP 54.3, ViT-L/16 57.2, ViT-H/14 58.4.
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
   del arg
-  c = config_base.base_config()
+  c = config_lib.base_config()
   c.eval.protocol = 'linear'
   c.eval.source = 'tfds'
   c.eval.dataset = 'places365_small'
@@ -27,4 +27,4 @@ def get_config(arg=None):
   c.eval.linear_epochs = 28
   c.eval.linear_batch_size = 1024
   c.eval.log_every_steps = 500
-  return config_base.lock(c)
+  return config_lib.lock(c)

@@ -12,12 +12,12 @@ protocol on digits; `linear` trains SGD heads for 30 epochs on augmented digits 
 0.5-1, no flip: mirrored digits are other symbols); `knn` is the 20-NN vote.
 """
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_base.parse_arg(arg, protocol='logreg')
-  c = config_base.base_config()
+  args = config_lib.parse_arg(arg, protocol='logreg')
+  c = config_lib.base_config()
   c.eval.protocol = args.protocol
   c.eval.source = 'digits'
   c.eval.name = f'tiny_{args.protocol}'
@@ -30,4 +30,4 @@ def get_config(arg=None):
   c.eval.linear_crop_scale = (0.5, 1.0)
   c.eval.linear_flip = False
   c.eval.log_every_steps = 50
-  return config_base.lock(c)
+  return config_lib.lock(c)

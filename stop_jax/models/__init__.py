@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
-from stop_jax import config_base
+from stop_jax import config as config_lib
 from stop_jax.models.layers import resolve_attention
 from stop_jax.models.predictor import Predictor
 from stop_jax.models.vit import VisionTransformer
@@ -18,7 +18,7 @@ def _dtype(config):
 
 
 def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
-  width, depth, heads, ratio = config_base.vit_shape(config.model)
+  width, depth, heads, ratio = config_lib.vit_shape(config.model)
   return VisionTransformer(
     patch_size=config.model.patch_size,
     width=width,
@@ -35,7 +35,7 @@ def build_encoder(config: ml_collections.ConfigDict) -> VisionTransformer:
 
 
 def build_predictor(config: ml_collections.ConfigDict) -> Predictor:
-  width, _, heads, _ = config_base.vit_shape(config.model)
+  width, _, heads, _ = config_lib.vit_shape(config.model)
   grid = config.model.image_size // config.model.patch_size
   p = config.predictor
   return Predictor(

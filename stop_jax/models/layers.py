@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stop_jax.sharding import ACT_HIDDEN, ACT_TOKENS, constrain
+from stop_jax.runtime.sharding import ACT_HIDDEN, ACT_TOKENS, constrain
 
 # The official code calls `trunc_normal_(std=0.02)` with its default bounds a=-2, b=2, which are
 # absolute values, i.e. +-100 std: effectively an untruncated N(0, 0.02^2). JAX's bounds are in

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from stop_jax.models.layers import BlockStack, dense, init, layer_norm, prefix_order, sincos_2d
-from stop_jax.sharding import ACT_TOKENS, constrain
+from stop_jax.runtime.sharding import ACT_TOKENS, constrain
 
 NOISE_ON_MASKED = ('masked', 'both', 'untied', 'fixed_cov')
 NOISE_ON_CONTEXT = ('context', 'both')

@@ -1,0 +1,1 @@
+"""The official-layout PyTorch models (tests and benches only; needs torch)."""

@@ -1,0 +1,274 @@
+"""The training math: state, optimiser, targets, loss and the pure train step.
+
+Everything here is a pure function of its arguments; the loop, I/O and sharding live in
+`trainer.py`. The step is `(state, batch, rng) -> (state, metrics)`: all randomness (the StoP
+noise) comes from `rng` folded with the step, all schedules are functions of `state.step`, so a
+resumed run recomputes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from stop_jax.train.schedules import Schedules
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimiser steps taken so far.
+  params: Any  # {'encoder': ..., 'predictor': ...}, trained by the optimiser.
+  target_params: Any  # EMA of params['encoder']; never receives gradients.
+  opt_state: optax.OptState
+
+
+def decay_mask(params):
+  """Official rule: no weight decay on biases and 1-D params (LayerNorm scales).
+
+  Decided by leaf name rather than ndim because `nn.scan` stacks per-block vectors into 2-D
+  arrays. The mask token ([1, 1, 1, d]) is decayed, as in the official code.
+  """
+
+  def keep(path, _):
+    # The last dict key is the param's name (boxed params add attribute keys after it).
+    name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+    return name not in ('bias', 'scale')
+
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW (+ optional global-norm clipping) whose lr and wd the step sets from the schedules."""
+  o = config.optim
+
+  def chain(learning_rate, weight_decay):
+    parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    parts.append(
+      optax.adamw(
+        learning_rate, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask
+      )
+    )
+    return optax.chain(*parts)
+
+  # The values are overwritten every step from `Schedules` (functions of the global step), so
+  # they never drift from the step count, e.g. when a step is skipped.
+  return optax.inject_hyperparams(chain)(learning_rate=0.0, weight_decay=0.0)
+
+
+def init_params(encoder: nn.Module, predictor: nn.Module, config, rng: jax.Array, boxed=False):
+  """Initial {'encoder', 'predictor'} params from one key (shapes only depend on the config).
+
+  boxed=True keeps the leaves wrapped in `nn.LogicallyPartitioned` (their logical axis names,
+  which `sharding.tree_shardings` maps to the mesh); otherwise plain arrays.
+  """
+  size = config.model.image_size
+  images = jnp.zeros((1, size, size, 3), jnp.float32)
+  ctx_idx = jnp.zeros((1, 1), jnp.int32)
+  tgt_idx = jnp.zeros((1, 1, 1), jnp.int32)
+  k_enc, k_pred, k_stop = jax.random.split(rng, 3)
+  enc = encoder.init(k_enc, images, ctx_idx)['params']
+  feats = jnp.zeros((1, 1, encoder.width), jnp.float32)
+  pred = predictor.init({'params': k_pred, 'stop': k_stop}, feats, ctx_idx, tgt_idx)['params']
+  params = {'encoder': enc, 'predictor': pred}
+  return params if boxed else nn.unbox(params)
+
+
+def target_dtype(config):
+  return jnp.bfloat16 if config.model.target_dtype == 'bfloat16' else jnp.float32
+
+
+def create_train_state(encoder, predictor, tx, config, rng, boxed=False) -> TrainState:
+  """The initial state. boxed=True: leaves carry logical axis names (for sharding only)."""
+  params = init_params(encoder, predictor, config, rng, boxed=True)
+  dtype = target_dtype(config)
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    # A copy, so the EMA buffer never aliases the trained params when the state is donated.
+    target_params=jax.tree.map(lambda x: jnp.array(x, dtype=dtype), params['encoder']),
+    # Initialised on the boxed params, so Adam's moments inherit their logical names too.
+    opt_state=tx.init(params),
+  )
+  return state if boxed else nn.unbox(state)
+
+
+def stochastic_round_bf16(x, key):
+  """float32 -> bfloat16, rounding up with probability equal to the dropped fraction.
+
+  Unbiased (E[round(x)] = x), so an EMA whose per-step change is far below bf16's resolution
+  (momentum 0.996+ moves a weight by < 0.4% of the gap) still tracks the float32 EMA on average
+  instead of freezing, as round-to-nearest would.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)  # bf16 keeps the top 16 bits of a float32
+  return jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+
+
+def ema_update(target, online, momentum, key=None):
+  """t <- m t + (1 - m) p, computed in float32 and stored in the target's dtype.
+
+  A bfloat16 target is stochastically rounded with one key per leaf (folded from `key`).
+  """
+  leaves, treedef = jax.tree.flatten(target)
+  new = jax.tree.leaves(
+    optax.incremental_update(
+      online, jax.tree.map(lambda t: t.astype(jnp.float32), target), 1.0 - momentum
+    )
+  )
+  out = []
+  for i, (t, n) in enumerate(zip(leaves, new, strict=True)):
+    if t.dtype == jnp.bfloat16:
+      out.append(stochastic_round_bf16(n, jax.random.fold_in(key, i)))
+    else:
+      out.append(n.astype(t.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def layer_norm(x, eps: float = 1e-5):
+  """Parameter-free LayerNorm over the last axis, in float32.
+
+  eps 1e-5 is the default of the official `F.layer_norm(h, (h.size(-1),))` on the targets (the
+  model's own LayerNorms use 1e-6).
+  """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def target_features(encoder, target_params, images, num_layers: int = 1):
+  """Layer-normed target-encoder features of all tokens, averaged over the last K blocks.
+
+  K=1 is the official target: layer_norm(target_encoder(images)). For K>1 every block output
+  gets the encoder's final norm and then the parameter-free one before averaging.
+
+  Returns:
+    float32 [B, N, D], with no gradient.
+  """
+  if num_layers == 1:
+    out = layer_norm(encoder.apply({'params': target_params}, images))
+  else:
+    _, blocks = encoder.apply({'params': target_params}, images, return_blocks=True)
+    out = jnp.mean(layer_norm(blocks[-num_layers:]), axis=0)
+  return jax.lax.stop_gradient(out)
+
+
+def gather_targets(feats, tgt_idx):
+  """Each target block's tokens of the target features. [B, N, D], int [n, B, Kt] -> [n, B, Kt, D]."""
+  n = tgt_idx.shape[0]
+  return jnp.take_along_axis(
+    jnp.broadcast_to(feats[None], (n,) + feats.shape), tgt_idx[..., None], axis=2
+  )
+
+
+def prediction_loss(pred, target, valid, kind: str = 'smooth_l1'):
+  """Mean over valid target tokens and features.
+
+  Args:
+    pred, target: [n, B, Kt, D]; valid: bool [n, B, Kt].
+  """
+  diff = pred.astype(jnp.float32) - target
+  if kind == 'smooth_l1':  # Huber with beta 1, as torch's F.smooth_l1_loss.
+    err = jnp.where(jnp.abs(diff) < 1.0, 0.5 * jnp.square(diff), jnp.abs(diff) - 0.5)
+  else:
+    err = jnp.square(diff)
+  w = valid.astype(jnp.float32)[..., None]
+  return jnp.sum(err * w) / (jnp.maximum(jnp.sum(w), 1.0) * diff.shape[-1])
+
+
+def a_penalty(a_kernel, kind: str):
+  """The l1/l2 ablation penalty on A (sum over entries; scaled by stop.reg_weight)."""
+  if kind == 'l1':
+    return jnp.sum(jnp.abs(a_kernel))
+  if kind == 'l2':
+    return jnp.sum(jnp.square(a_kernel))
+  return jnp.zeros((), jnp.float32)
+
+
+def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
+  """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`; jit it outside.
+
+  batch: {'image': [B, H, W, 3], 'ctx_idx': int [B, Kc], 'ctx_valid': bool [B, Kc],
+          'tgt_idx': int [n, B, Kt], 'tgt_valid': bool [n, B, Kt]}.
+  """
+  num_target_layers = config.loss.num_target_layers
+  loss_kind = config.loss.type
+  reg_kind, reg_weight = config.stop.reg, float(config.stop.reg_weight)
+
+  def train_step(state: TrainState, batch, rng):
+    step = state.step
+    stop_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 0)  # the 'stop' stream
+    images = batch['image']
+    feats = target_features(encoder, state.target_params, images, num_target_layers)
+    targets = gather_targets(feats, batch['tgt_idx'])  # [n, B, Kt, D]
+
+    def loss_fn(params):
+      ctx = encoder.apply(
+        {'params': params['encoder']}, images, batch['ctx_idx'], batch['ctx_valid']
+      )
+      pred, aux = predictor.apply(
+        {'params': params['predictor']},
+        ctx,
+        batch['ctx_idx'],
+        batch['tgt_idx'],
+        batch['ctx_valid'],
+        batch['tgt_valid'],
+        rngs={'stop': stop_rng},
+        mutable=['stats'],
+      )
+      loss = prediction_loss(pred, targets, batch['tgt_valid'], loss_kind)
+      reg = a_penalty(params['predictor']['predictor_embed']['kernel'], reg_kind)
+      return loss + reg_weight * reg, (loss, aux['stats'])
+
+    (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    lr = schedules.learning_rate(step)
+    wd = schedules.weight_decay_at(step)
+    hyper = {**state.opt_state.hyperparams, 'learning_rate': lr, 'weight_decay': wd}
+    opt_state = state.opt_state._replace(hyperparams=hyper)
+    updates, opt_state = tx.update(grads, opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA target after the optimiser step, as the official code: t <- m t + (1 - m) p.
+    momentum = schedules.momentum(step)
+    ema_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 1)  # the 'ema' stream
+    target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
+    grad_norm = optax.tree.norm(grads)
+    # A non-finite loss or gradient never reaches the state: the update is dropped (the step
+    # count still advances) and the host decides whether to stop or go on (config.on_nonfinite).
+    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+    params, target_params, opt_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, target_params, opt_state),
+      (
+        state.params,
+        state.target_params,
+        opt_state._replace(inner_state=state.opt_state.inner_state),
+      ),
+    )
+    embed = params['predictor']['predictor_embed']
+    metrics = {
+      'loss': loss,
+      'total_loss': total,
+      'lr': lr,
+      'wd': wd,
+      'momentum': momentum,
+      'grad_norm': grad_norm,
+      'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
+      'A_norm': jnp.linalg.norm(embed['kernel']),
+      'A_bias_norm': jnp.linalg.norm(embed['bias']),
+      'noise_to_pos': stats['noise_to_pos'],
+      'ctx_tokens': jnp.mean(jnp.sum(batch['ctx_valid'], axis=-1).astype(jnp.float32)),
+      'tgt_tokens': jnp.mean(jnp.sum(batch['tgt_valid'], axis=-1).astype(jnp.float32)),
+    }
+    new_state = state.replace(
+      step=step + 1, params=params, target_params=target_params, opt_state=opt_state
+    )
+    return new_state, metrics
+
+  return train_step

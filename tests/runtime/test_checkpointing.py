@@ -1,0 +1,359 @@
+"""Checkpoint guarantees checked in-process: non-finite guard, fallback, refusals, retention.
+
+Each module fixture is one short `train_and_evaluate` on the tiny digits config; the tests read
+what it left in its workdir (copies, when a test damages or extends it). The kill -9, SIGTERM
+and 8 -> 4 device scenarios run `python -m stop_jax.main` in tests/test_fault_tolerance.py.
+"""
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from stop_jax import config as config_lib
+from stop_jax.data import pipeline as input_pipeline
+from stop_jax.runtime import checkpointing, sharding
+from stop_jax.train import loop as trainer
+
+
+def _config(steps: int, **checkpoint):
+  c = config_lib.load_config_file('tiny.py', f'steps={steps}')
+  c.model.depth, c.predictor.depth = 2, 1  # keep CI fast; the step code is the same
+  c.data.global_batch_size = 32
+  c.log_every_steps = 1
+  c.eval.probe = False
+  c.checkpoint.every_minutes = 0.0
+  for k, v in checkpoint.items():
+    c.checkpoint[k] = v
+  return c
+
+
+def _nan_iterator(at_steps):
+  """create_train_iterator whose batch of each step in `at_steps` (1-based, as logged) has a NaN."""
+  real = input_pipeline.create_train_iterator
+
+  def create(config, mask_spec, start_step=0, **kwargs):
+    batches = real(config, mask_spec, start_step=start_step, **kwargs)
+
+    def gen():
+      for done, batch in enumerate(batches, start_step + 1):
+        if done in at_steps:
+          image = np.array(batch['image'])
+          image[0, 0, 0, 0] = np.nan
+          batch = {**batch, 'image': image}
+        yield batch
+
+    return gen()
+
+  return create
+
+
+def _train(config, workdir, nan_at=()):
+  with pytest.MonkeyPatch.context() as mp:
+    if nan_at:
+      mp.setattr(input_pipeline, 'create_train_iterator', _nan_iterator(set(nan_at)))
+    return trainer.train_and_evaluate(config, str(workdir))
+
+
+def _steps(workdir) -> list[int]:
+  return sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
+
+
+def _losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {x['step']: x['loss'] for x in map(json.loads, f) if 'loss' in x}
+
+
+def _all_finite(tree) -> bool:
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, float))
+
+
+def _assert_trees_equal(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = jax.tree_util.tree_leaves(b)
+  assert len(flat_a) == len(flat_b) > 0
+  for (path, x), y in zip(flat_a, flat_b, strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def _abstract_state(config):
+  plan = trainer.plan_run(config)
+  return trainer.make_sharded_step(
+    config, sharding.make_mesh(config), plan.steps_per_epoch
+  ).abstract_state
+
+
+# --- non-finite loss or gradients ----------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def nan_stop(tmp_path_factory):
+  """8 steps, saving every 3; a NaN image in the batch of step 5 (not a save step)."""
+  workdir = tmp_path_factory.mktemp('nan_stop')
+  with pytest.raises(trainer.NonFiniteError) as info:
+    _train(_config(8, every_steps=3), workdir, nan_at=[5])
+  return workdir, str(info.value)
+
+
+def test_nan_stops_naming_the_step_and_the_last_good_checkpoint(nan_stop):
+  workdir, message = nan_stop
+  ckpt_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  assert 'non-finite loss or gradients at step 5' in message
+  assert f'the last good checkpoint is step 3 in {ckpt_dir}' in message
+  assert 'config.on_nonfinite=stop' in message
+  assert 'The update was not applied' in message
+  # Checked one step late, but before any later save: step 6 (a save step) was never written.
+  assert _steps(workdir) == [3]
+
+
+def test_nan_leaves_the_last_good_checkpoint_intact(nan_stop):
+  workdir, _ = nan_stop
+  step, tree = checkpointing.load_checkpoint(str(workdir))
+  assert step == 3 and int(tree['step']) == 3
+  assert _all_finite(tree)
+  losses = _losses(workdir)
+  assert all(np.isfinite(losses[s]) for s in range(1, 5))
+
+
+@pytest.fixture(scope='module')
+def nan_skip(tmp_path_factory):
+  """8 steps in 'skip' mode, saving every step; a NaN image in the batch of step 6."""
+  workdir = tmp_path_factory.mktemp('nan_skip')
+  config = _config(8, every_steps=1, keep=10)
+  config.on_nonfinite = 'skip'
+  config.max_consecutive_skips = 2
+  summary = _train(config, workdir, nan_at=[6])
+  return workdir, summary
+
+
+def test_skip_mode_finishes_and_counts_the_skipped_step(nan_skip):
+  workdir, summary = nan_skip
+  assert summary['steps'] == 8 and 'preempted' not in summary
+  assert summary['nonfinite_skipped'] == 1
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, 9))
+  assert [s for s, x in losses.items() if not np.isfinite(x)] == [6]
+  step, tree = checkpointing.load_checkpoint(str(workdir))
+  assert step == 8 and _all_finite(tree)  # params, EMA target and optimiser state
+
+
+def test_skip_mode_drops_the_bad_update(nan_skip):
+  workdir, _ = nan_skip
+  _, before = checkpointing.load_checkpoint(str(workdir), step=5)
+  _, after = checkpointing.load_checkpoint(str(workdir), step=6)
+  _, next_ = checkpointing.load_checkpoint(str(workdir), step=7)
+  assert int(after['step']) == 6  # the step count advances ...
+  for key in ('params', 'target_params'):  # ... but the weights did not move,
+    _assert_trees_equal(after[key], before[key])
+  _assert_trees_equal(after['opt_state']['inner_state'], before['opt_state']['inner_state'])
+  params_6 = jax.tree.leaves(after['params'])
+  params_7 = jax.tree.leaves(next_['params'])
+  assert any(not np.array_equal(a, b) for a, b in zip(params_6, params_7, strict=True))
+  # The skip count is part of the checkpoint, so a resumed run keeps counting.
+  _, meta = _restore(workdir, _config(8))
+  assert meta['nonfinite_skipped'] == 1
+
+
+def test_skip_mode_stops_after_max_consecutive_skips(tmp_path):
+  config = _config(6, every_steps=2)
+  config.on_nonfinite = 'skip'
+  config.max_consecutive_skips = 2
+  with pytest.raises(trainer.NonFiniteError, match='2 consecutive skipped steps') as info:
+    _train(config, tmp_path, nan_at=[3, 4])
+  assert 'at step 4' in str(info.value)
+  assert 'the last good checkpoint is step 2' in str(info.value)
+  assert _steps(tmp_path) == [2]
+
+
+# --- corrupt checkpoints, other models, other configs ---------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def two_checkpoints(tmp_path_factory):
+  """4 steps saving every 2: checkpoints at steps 2 and 4."""
+  workdir = tmp_path_factory.mktemp('two_checkpoints')
+  _train(_config(4, every_steps=2), workdir)
+  assert _steps(workdir) == [2, 4]
+  return workdir
+
+
+def _copy(src, tmp_path):
+  dst = tmp_path / 'run'
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _truncate_array_data(step_dir):
+  """Every array data file of the step cut to half its length (a copy that died midway)."""
+  cut = 0
+  for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+    if os.path.basename(root) == 'd':
+      for name in files:
+        path = os.path.join(root, name)
+        with open(path, 'r+b') as f:
+          f.truncate(os.path.getsize(path) // 2)
+        cut += 1
+  assert cut > 0, f'no array data files found under {step_dir}'
+
+
+def _delete_metadata(step_dir):
+  os.remove(os.path.join(step_dir, 'state', '_METADATA'))
+
+
+def _restore(workdir, config):
+  """Checkpointer(workdir, config).restore_latest onto this process's mesh."""
+  ckpt = checkpointing.Checkpointer(str(workdir), config)
+  try:
+    return ckpt.restore_latest(_abstract_state(config))
+  finally:
+    ckpt.close()
+
+
+# Orbax's failed reads of truncated files leave 'Event loop is closed' noise behind.
+QUIET_FAILED_READS = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
+
+@QUIET_FAILED_READS
+@pytest.mark.parametrize(
+  'damage', [_truncate_array_data, _delete_metadata], ids=['truncated_arrays', 'deleted_metadata']
+)
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+  two_checkpoints, tmp_path, caplog, damage
+):
+  workdir = _copy(two_checkpoints, tmp_path)
+  damage(os.path.join(workdir, 'checkpoints', '4'))
+  with caplog.at_level(logging.WARNING):
+    try:
+      state, meta = _restore(workdir, _config(4, every_steps=2))
+    except checkpointing.CheckpointMismatchError as e:
+      pytest.fail(
+        f'the damaged step 4 ({damage.__name__}) was taken for another model instead of '
+        f'falling back to step 2:\n{str(e)[:400]}'
+      )
+  assert int(state.step) == 2 and meta['step'] == 2
+  _, expected = checkpointing.load_checkpoint(str(two_checkpoints), step=2)
+  _assert_trees_equal(state.params, expected['params'])
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any('checkpoint at step 4 is' in w for w in warnings), warnings
+  assert any('resuming from step 2, not from the damaged latest step 4' in w for w in warnings)
+
+
+@QUIET_FAILED_READS
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(two_checkpoints, tmp_path):
+  workdir = _copy(two_checkpoints, tmp_path)
+  for step in ('2', '4'):
+    _truncate_array_data(os.path.join(workdir, 'checkpoints', step))
+  with pytest.raises(checkpointing.NoUsableCheckpointError, match='no readable checkpoint'):
+    _restore(workdir, _config(4, every_steps=2))
+
+
+@QUIET_FAILED_READS
+@pytest.mark.parametrize(
+  'change, expected_line, num_lines',
+  [
+    # One more encoder block: its 12 arrays are missing from params, EMA target, Adam mu and nu.
+    (
+      {'model.depth': 3},
+      'missing in checkpoint: opt_state/inner_state/0/0/mu/encoder/blocks/layers_2/fc1/kernel '
+      '[64, 256]',
+      48,
+    ),
+    # A wider predictor: same keys, other shapes.
+    (
+      {'predictor.width': 96},
+      'shape of params/predictor/predictor_embed/kernel: checkpoint [64, 64], model [64, 96]',
+      None,
+    ),
+  ],
+  ids=['extra_encoder_block', 'wider_predictor'],
+)
+def test_checkpoint_of_another_model_lists_the_mismatched_arrays(
+  two_checkpoints, change, expected_line, num_lines
+):
+  other = _config(4, every_steps=2)
+  for key, value in change.items():
+    group, name = key.split('.')
+    other[group][name] = value
+  with pytest.raises(checkpointing.CheckpointMismatchError) as info:
+    _restore(two_checkpoints, other)
+  message = str(info.value)
+  assert 'the checkpoint at step 4' in message and 'does not match this model/config' in message
+  lines = message.splitlines()
+  if num_lines is not None:
+    # 20 listed, the rest counted.
+    assert f'  ... and {num_lines - 20} more' in lines
+  if expected_line.startswith('missing'):
+    assert '  ' + expected_line in lines, message
+  else:
+    # Shape changes are listed too (possibly past the first 20, hence the full listing).
+    saved = checkpointing.flat_shapes(checkpointing.load_checkpoint(str(two_checkpoints))[1])
+    full = checkpointing.describe_mismatch(
+      saved, checkpointing.flat_shapes(_abstract_state(other)), 10**6
+    )
+    assert expected_line in full
+    assert all(line.startswith('shape of ') for line in full)
+    assert lines[1] == '  ' + full[0]
+
+
+def test_workdir_with_another_config_is_refused_listing_the_changes(two_checkpoints, tmp_path):
+  workdir = _copy(two_checkpoints, tmp_path)
+  config = _config(4, every_steps=2)
+  config.optim.lr = 2e-3
+  config.stop.sigma = 0.5
+  with pytest.raises(config_lib.ConfigError) as info:
+    trainer.train_and_evaluate(config, str(workdir))
+  message = str(info.value)
+  assert 'optim.lr: 0.001 -> 0.002' in message
+  assert 'stop.sigma: 0.25 -> 0.5' in message
+  assert '--config.checkpoint.allow_config_change=True' in message
+  assert json.load(open(os.path.join(workdir, 'config.json')))['optim']['lr'] == 1e-3
+
+
+def test_allow_config_change_accepts_it_with_a_warning(two_checkpoints, caplog):
+  config = _config(4, every_steps=2)
+  config.optim.lr = 2e-3
+  config.checkpoint.allow_config_change = True
+  with caplog.at_level(logging.WARNING):
+    trainer.check_workdir_config(config, str(two_checkpoints))  # does not raise
+  assert any('optim.lr: 0.001 -> 0.002' in r.getMessage() for r in caplog.records)
+
+
+def test_run_control_keys_may_change_on_resume(two_checkpoints, tmp_path):
+  old = json.load(open(os.path.join(two_checkpoints, 'config.json')))
+  new = _config(6, every_steps=3, keep=5)
+  new.log_every_steps = 2
+  assert trainer.config_changes(old, json.loads(new.to_json_best_effort())) == []
+  workdir = _copy(two_checkpoints, tmp_path)
+  summary = trainer.train_and_evaluate(new, str(workdir))
+  assert summary['steps'] == 6
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    logged = [x['step'] for x in map(json.loads, f) if 'loss' in x]
+  assert logged == [1, 2, 3, 4, 6]  # resumed at 4: nothing recomputed, logged every 2 now
+  assert _steps(workdir) == [2, 4, 6]
+
+
+# --- retention and time-based saves ---------------------------------------------------------------
+
+
+def test_keep_latest_k_plus_every_jth(tmp_path):
+  _train(_config(9, every_steps=1, keep=2, keep_every=4), tmp_path)
+  assert _steps(tmp_path) == [4, 8, 9]  # {4, 8} for good, {8, 9} the latest two
+  leftovers = [n for n in os.listdir(tmp_path / 'checkpoints') if not n.isdigit()]
+  assert not [n for n in leftovers if 'tmp' in n], leftovers
+
+
+def test_every_minutes_saves_by_time(tmp_path):
+  # every_steps=0 alone would save only the final step 9; 0.001 minutes = 60 ms.
+  _train(_config(9, every_steps=0, every_minutes=0.001, keep=100), tmp_path)
+  steps = _steps(tmp_path)
+  assert steps[-1] == 9 and len(steps) > 1, steps
+  # The clock is only read at logging steps (no per-step host sync): saves land on them.
+  config = _config(9, every_steps=0, every_minutes=0.001, keep=100)
+  config.log_every_steps = 3
+  _train(config, tmp_path / 'every3')
+  steps = _steps(tmp_path / 'every3')
+  assert steps == [3, 6, 9], steps

@@ -1,0 +1,198 @@
+"""Schedules, optimiser, EMA, loss and the jitted step (no recompilation)."""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from stop_jax import config as config_lib
+from stop_jax import models
+from stop_jax.train import step as step_lib
+from stop_jax.train.schedules import Schedules
+
+
+def _config():
+  c = config_lib.base_config()
+  c.model.image_size, c.model.patch_size = 16, 4
+  c.model.width, c.model.depth, c.model.num_heads = 32, 2, 4
+  c.predictor.width, c.predictor.depth, c.predictor.num_heads = 16, 1, 2
+  return c
+
+
+# ---- schedules against the official closed forms ------------------------------------------
+
+
+def _sched(**optim):
+  c = config_lib.base_config()
+  c.optim.update(
+    dict(
+      epochs=10,
+      warmup_epochs=2,
+      start_lr=0.1,
+      lr=1.0,
+      final_lr=0.01,
+      weight_decay=0.04,
+      final_weight_decay=0.4,
+    )
+  )
+  c.optim.update(optim)
+  return Schedules.from_config(c, steps_per_epoch=10)  # warmup 20 steps, horizon 100
+
+
+def test_learning_rate_closed_form():
+  s = _sched()
+  # Step s uses the official scheduler's value at s+1 (it steps before the update).
+  assert float(s.learning_rate(0)) == pytest.approx(0.1 + (1 / 20) * 0.9)
+  assert float(s.learning_rate(9)) == pytest.approx(0.1 + (10 / 20) * 0.9)
+  assert float(s.learning_rate(19)) == pytest.approx(1.0)  # warmup ends at the peak
+  mid = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 40 / 80))
+  assert float(s.learning_rate(59)) == pytest.approx(mid, rel=1e-5)
+  assert float(s.learning_rate(99)) == pytest.approx(0.01, rel=1e-4)
+  assert float(s.learning_rate(150)) == pytest.approx(0.01, rel=1e-4)  # floored at final_lr
+
+
+def test_constant_lr_tail():
+  s = _sched(constant_lr_after_epoch=5)
+  held = float(s.learning_rate(50))
+  assert float(s.learning_rate(80)) == pytest.approx(held)
+  assert float(s.learning_rate(49)) > held  # still decaying before the threshold
+
+
+def test_weight_decay_and_momentum_closed_form():
+  s = _sched()
+  wd = lambda t: 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * t / 100))  # noqa: E731
+  for step in (0, 10, 49, 99):
+    assert float(s.weight_decay_at(step)) == pytest.approx(wd(step + 1), rel=1e-5)
+  assert float(s.weight_decay_at(500)) == pytest.approx(0.4)
+  assert float(s.momentum(0)) == pytest.approx(0.996)
+  assert float(s.momentum(50)) == pytest.approx(0.998)
+  assert float(s.momentum(100)) == pytest.approx(1.0)
+  assert float(s.momentum(1000)) == pytest.approx(1.0)
+
+
+def test_ipe_scale_stretches_the_horizon():
+  assert _sched(ipe_scale=1.25).horizon == 125
+
+
+# ---- optimiser ----------------------------------------------------------------------------
+
+
+def test_no_weight_decay_on_biases_and_norm_scales():
+  c = _config()
+  c.stop.mode = 'off'  # has a mask token, which the official code decays
+  params = step_lib.init_params(
+    models.build_encoder(c), models.build_predictor(c), c, jax.random.key(0)
+  )
+  mask = step_lib.decay_mask(params)
+  assert mask['encoder']['blocks']['layers']['attn']['qkv']['kernel']
+  assert not mask['encoder']['blocks']['layers']['attn']['qkv']['bias']
+  assert not mask['encoder']['blocks']['layers']['norm1']['scale']
+  assert mask['predictor']['mask_token']
+  assert mask['predictor']['predictor_embed']['kernel']
+
+
+# ---- the step -----------------------------------------------------------------------------
+
+
+def _setup(c):
+  enc, pred = models.build_encoder(c), models.build_predictor(c)
+  tx = step_lib.make_optimizer(c)
+  sched = Schedules.from_config(c, steps_per_epoch=10)
+  state = step_lib.create_train_state(enc, pred, tx, c, jax.random.key(0))
+  return enc, pred, tx, sched, state
+
+
+def _batch(b=4, seed=0):
+  rng = np.random.default_rng(seed)
+  perm = np.stack([rng.permutation(16) for _ in range(b)])
+  return {
+    'image': jnp.asarray(rng.normal(size=(b, 16, 16, 3)), jnp.float32),
+    'ctx_idx': jnp.asarray(np.sort(perm[:, :6], 1), jnp.int32),
+    'ctx_valid': jnp.asarray(np.arange(6)[None] < np.array([6, 6, 5, 6])[:b, None]),
+    'tgt_idx': jnp.asarray(
+      np.stack([np.sort(perm[:, 6 + 2 * i : 8 + 2 * i], 1) for i in range(4)]), jnp.int32
+    ),
+    'tgt_valid': jnp.ones((4, b, 2), bool),
+  }
+
+
+def test_ema_update_and_schedules_inside_the_step():
+  c = _config()
+  enc, pred, tx, sched, state = _setup(c)
+  target0 = jax.tree.map(np.asarray, state.target_params)
+  step = jax.jit(step_lib.make_train_step(c, enc, pred, tx, sched))
+  new, metrics = step(state, _batch(), jax.random.key(1))
+  m = 0.996  # momentum at step 0
+  expected = jax.tree.map(
+    lambda t, p: m * t + (1 - m) * np.asarray(p), target0, new.params['encoder']
+  )
+  chex.assert_trees_all_close(new.target_params, expected, atol=1e-7)
+  assert int(new.step) == 1
+  assert float(metrics['lr']) == pytest.approx(float(sched.learning_rate(0)))
+  assert float(metrics['wd']) == pytest.approx(float(sched.weight_decay_at(0)))
+  assert float(metrics['ctx_tokens']) == pytest.approx(5.75)
+  assert float(metrics['A_norm']) > 0
+  # The target encoder never receives gradients: it only moved by the EMA.
+  assert not jax.tree.all(
+    jax.tree.map(
+      lambda a, b: np.array_equal(a, b), target0, jax.tree.map(np.asarray, new.target_params)
+    )
+  )
+
+
+def test_step_compiles_once_and_loss_decreases():
+  c = _config()
+  c.optim.warmup_epochs, c.optim.start_lr, c.optim.lr = 0, 1e-3, 1e-3
+  enc, pred, tx, sched, state = _setup(c)
+  body = step_lib.make_train_step(c, enc, pred, tx, sched)
+
+  @chex.assert_max_traces(n=1)
+  def traced(state, batch, rng):
+    return body(state, batch, rng)
+
+  step = jax.jit(traced, donate_argnums=(0,))
+  losses = []
+  for i in range(30):
+    state, metrics = step(state, _batch(seed=i % 2), jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+
+
+def test_padded_target_slots_do_not_count_in_the_loss():
+  pred = jnp.ones((1, 1, 3, 2))
+  target = jnp.zeros((1, 1, 3, 2)).at[..., 2, :].set(100.0)
+  valid = jnp.array([[[True, True, False]]])
+  assert float(step_lib.prediction_loss(pred, target, valid)) == pytest.approx(0.5)
+  assert float(step_lib.prediction_loss(pred, target, valid, 'l2')) == pytest.approx(1.0)
+
+
+def test_target_features_average_the_last_k_normed_blocks():
+  c = _config()
+  enc = models.build_encoder(c)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = nn.unbox(enc.init(jax.random.key(1), images)['params'])
+  one = step_lib.target_features(enc, params, images, 1)
+  np.testing.assert_allclose(one.mean(-1), 0, atol=1e-5)
+  np.testing.assert_allclose(one.std(-1), 1, atol=1e-3)
+  _, blocks = enc.apply({'params': params}, images, return_blocks=True)
+  two = step_lib.target_features(enc, params, images, 2)
+  np.testing.assert_allclose(
+    two, (step_lib.layer_norm(blocks[0]) + step_lib.layer_norm(blocks[1])) / 2, atol=1e-5
+  )
+
+
+def test_l1_penalty_adds_to_the_loss():
+  c = _config()
+  c.stop.mode, c.stop.reg, c.stop.reg_weight = 'off', 'l1', 1e-3
+  enc, pred, tx, sched, state = _setup(c)
+  _, metrics = jax.jit(step_lib.make_train_step(c, enc, pred, tx, sched))(
+    state, _batch(), jax.random.key(1)
+  )
+  a = np.asarray(state.params['predictor']['predictor_embed']['kernel'])
+  assert float(metrics['total_loss'] - metrics['loss']) == pytest.approx(
+    1e-3 * np.abs(a).sum(), rel=1e-4
+  )
