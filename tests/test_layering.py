@@ -89,7 +89,9 @@ def test_no_module_imports_from_a_layer_above_or_a_sibling_folder():
       if dep_folder == folder or dep_folder == '__init__' and dep == 'stop_jax':
         continue
       if dep_layer >= layer:
-        bad.append(f'{module} ({folder}, layer {layer}) imports {dep} ({dep_folder}, layer {dep_layer})')
+        bad.append(
+          f'{module} ({folder}, layer {layer}) imports {dep} ({dep_folder}, layer {dep_layer})'
+        )
   assert not bad, 'layering violations:\n  ' + '\n  '.join(sorted(bad))
 
 

@@ -53,6 +53,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from stop_jax import config as config_lib
+from stop_jax.data import batch as batch_lib
 from stop_jax.data import masking
 
 MEAN_RGB = (0.485, 0.456, 0.406)
@@ -1029,16 +1030,7 @@ def _prefetch(iterator, shardings, size):
   def produce():
     try:
       for batch in iterator:
-        missing = sorted(set(batch) - set(shardings))
-        if missing:
-          raise KeyError(
-            f'prefetch_to_device: no sharding for batch key(s) {missing}; shardings has '
-            f'{sorted(shardings)}.'
-          )
-        arrays = {
-          k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-          for k, v in batch.items()
-        }
+        arrays = batch_lib.to_global(batch, shardings)
         if not put((arrays, None)):
           return
       put((_END, None))

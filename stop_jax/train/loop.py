@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from stop_jax import config as config_lib
 from stop_jax import models
+from stop_jax.data import batch as batch_lib
 from stop_jax.data import masking
 from stop_jax.data import pipeline as input_pipeline
 from stop_jax.eval import features, knn, logreg
@@ -33,9 +34,6 @@ from stop_jax.runtime import checkpointing, sharding
 from stop_jax.runtime.metric_logging import MetricLogger
 from stop_jax.train import step as step_lib
 from stop_jax.train.schedules import Schedules
-
-# Batch axis of every array in a batch: the target index arrays are [n, B, K].
-BATCH_AXIS = {'image': 0, 'ctx_idx': 0, 'ctx_valid': 0, 'tgt_idx': 1, 'tgt_valid': 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,28 +55,6 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
   return RunPlan(n, steps_per_epoch, total, masking.spec_from_config(config))
 
 
-def batch_shardings(mesh) -> dict:
-  ndim = {'image': 4, 'ctx_idx': 2, 'ctx_valid': 2, 'tgt_idx': 3, 'tgt_valid': 3}
-  return {k: NamedSharding(mesh, sharding.batch_spec(a, ndim[k])) for k, a in BATCH_AXIS.items()}
-
-
-def abstract_batch(config, mask_spec: masking.MaskSpec, shardings: dict) -> dict:
-  """ShapeDtypeStructs of one global batch (for ahead-of-time compilation)."""
-  b, s = config.data.global_batch_size, config.model.image_size
-  kc, n, kt = mask_spec.num_context_tokens, mask_spec.num_targets, mask_spec.num_target_tokens
-  shapes = {
-    'image': ((b, s, s, 3), jnp.float32),
-    'ctx_idx': ((b, kc), jnp.int32),
-    'ctx_valid': ((b, kc), jnp.bool_),
-    'tgt_idx': ((n, b, kt), jnp.int32),
-    'tgt_valid': ((n, b, kt), jnp.bool_),
-  }
-  return {
-    k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
-    for k, (shape, dtype) in shapes.items()
-  }
-
-
 @dataclasses.dataclass
 class ShardedStep:
   """Everything the loop and the compile check need: models, shardings and the jitted step."""
@@ -95,7 +71,7 @@ class ShardedStep:
 
   def lower(self, config, mask_spec):
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
-    batch = abstract_batch(config, mask_spec, self.batch_shardings)
+    batch = batch_lib.abstract_batch(config, mask_spec, self.batch_shardings)
     return self.step.lower(self.abstract_state, batch, rng)
 
   def compile(self, config, mask_spec):
@@ -177,7 +153,7 @@ def make_sharded_step(config, mesh, steps_per_epoch: int) -> ShardedStep:
       return inner(state, batch, rng)
 
   replicated = NamedSharding(mesh, P())
-  batch_sh = batch_shardings(mesh)
+  batch_sh = batch_lib.batch_shardings(mesh)
   jitted = jax.jit(
     step,
     donate_argnums=(0,),
@@ -248,13 +224,6 @@ def log_memory(info: dict):
       c.get('temp_size_in_bytes', 0) / gib,
       c['peak_estimate_bytes'] / gib,
     )
-
-
-def to_global(local: dict, shardings: dict) -> dict:
-  """This process's share of a batch -> one global jax.Array per key."""
-  return {
-    k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()
-  }
 
 
 def save_config(config, plan: RunPlan, workdir: str):

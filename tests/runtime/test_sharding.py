@@ -25,6 +25,7 @@ WORKER = textwrap.dedent(
   sys.path.insert(0, 'configs')
   from stop_jax.data import pipeline as input_pipeline
   from stop_jax.runtime import sharding
+  from stop_jax.data import batch as batch_lib
   from stop_jax.train import loop as trainer
   import tiny
 
@@ -56,7 +57,7 @@ WORKER = textwrap.dedent(
     step = setup.compile(c, plan.mask_spec)
     losses = []
     for _ in range(3):
-      batch = trainer.to_global(next(it), setup.batch_shardings)
+      batch = batch_lib.to_global(next(it), setup.batch_shardings)
       state, metrics = step(state, batch, rng)
       losses.append(float(metrics['loss']))
     qkv = state.params['encoder']['blocks']['layers']['attn']['qkv']['kernel']

@@ -108,6 +108,7 @@ def test_cpu_matmul_library_option_changes_the_kernels_not_the_step():
   import jax
   import numpy as np
 
+  from stop_jax.data import batch as batch_lib
   from stop_jax.data import pipeline as input_pipeline
   from stop_jax.runtime import sharding
 
@@ -117,7 +118,7 @@ def test_cpu_matmul_library_option_changes_the_kernels_not_the_step():
   mesh = sharding.make_mesh(c, jax.devices()[:1])
   setup = trainer.make_sharded_step(c, mesh, plan.steps_per_epoch)
   batch = next(input_pipeline.create_train_iterator(c, plan.mask_spec, 0, 0, 1))
-  batch = trainer.to_global(batch, setup.batch_shardings)
+  batch = batch_lib.to_global(batch, setup.batch_shardings)
   rng = jax.device_put(jax.random.key(1), setup.replicated)
   kernels, metrics = {}, {}
   for library in ('onednn', 'eigen', 'ynnpack'):
