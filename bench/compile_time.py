@@ -3,7 +3,7 @@ r"""Compile time of the real train step against depth: flat with `nn.scan`, line
     python bench/compile_time.py                       # ViT-H/14, 8 simulated CPU devices
     python bench/compile_time.py --config=configs/vitl16.py --depths=6,12,24 --num_devices=8
 
-Lowers and compiles the trainer's sharded step (`trainer.make_sharded_step`, FSDP over all
+Lowers and compiles the trainer's sharded step (`setup.make_sharded_step`, FSDP over all
 devices, bf16 compute) for the config at several encoder depths, scanned and (for the smaller
 depths) unrolled, and prints seconds per compile plus one `RESULT {json}` line. Target (issue
 7): ViT-H/14 under 2 minutes, about flat in depth.
@@ -26,7 +26,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from stop_jax.data import masking  # noqa: E402
 from stop_jax.runtime import sharding  # noqa: E402
-from stop_jax.train import loop as trainer  # noqa: E402
+from stop_jax.train import setup  # noqa: E402
+from stop_jax.train.schedules import Schedules  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/vith14.py', 'Config file.')
 _DEPTHS = flags.DEFINE_list('depths', ['8', '16', '32'], 'Encoder depths to compile.')
@@ -37,8 +38,8 @@ flags.DEFINE_integer('num_devices', 8, 'Simulated devices (set before JAX starts
 def compile_seconds(config) -> float:
   mesh = sharding.make_mesh(config)
   t0 = time.perf_counter()
-  setup = trainer.make_sharded_step(config, mesh, steps_per_epoch=1000)
-  setup.compile(config, masking.spec_from_config(config))
+  sharded = setup.make_sharded_step(config, mesh, Schedules.from_config(config, 1000))
+  sharded.compile(config, masking.spec_from_config(config))
   return time.perf_counter() - t0
 
 

@@ -1,7 +1,7 @@
 r"""Benchmark of the input pipeline on ImageNet-sized JPEGs, and how it compares with the step.
 
 Commands (from the repo root):
-  python bench/input_pipeline.py                      # the whole bench, about 2 minutes
+  python bench/input_pipeline.py                      # the whole bench
   python bench/input_pipeline.py --skip_train_step    # pipeline figures only
   python bench/input_pipeline.py --num_images=1024 --batches=40
 
@@ -9,7 +9,7 @@ What it does:
 1. Generates `--num_images` photo-like JPEGs (smooth colour fields with texture, quality 90,
    about 100 KB each, like ImageNet's) of 500x375 (one in three 375x500) as an image folder
    root/train/<class>/*.JPEG, and the same files as a tfds dataset with
-   `input_pipeline.folder_to_tfds` (4 TFRecord shards), in a temporary directory.
+   `sources.folder_to_tfds` (4 TFRecord shards), in a temporary directory.
 2. For both sources, times `create_train_iterator` at 224/16 with masks (global batch
    `--batch`) under three augmentation settings:
      rrc_flip   decode + RandomResizedCrop to 224 + flip + masks (the issue's target setting)
@@ -43,8 +43,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from stop_jax import config as config_lib  # noqa: E402
-from stop_jax.data import masking  # noqa: E402
-from stop_jax.data import pipeline as input_pipeline  # noqa: E402
+from stop_jax.data import masking, sources, train_stream  # noqa: E402
 
 flags.DEFINE_integer('num_images', 512, 'Generated JPEGs (cycled through: epochs repeat).')
 flags.DEFINE_integer('batch', 64, 'Global batch of the pipeline runs (one process).')
@@ -85,7 +84,7 @@ def make_data(workdir: str, num_images: int) -> tuple[str, str, float]:
     with open(os.path.join(cls, f'img_{i:05d}.JPEG'), 'wb') as f:
       f.write(data)
     sizes.append(len(data))
-  input_pipeline.folder_to_tfds(root, tfds_dir, _TFDS_NAME, splits=('train',), num_shards=4)
+  sources.folder_to_tfds(root, tfds_dir, _TFDS_NAME, splits=('train',), num_shards=4)
   return root, tfds_dir, float(np.mean(sizes)) / 1024
 
 
@@ -106,7 +105,7 @@ def pipeline_config(source: str, root: str, tfds_dir: str, batch: int, **data):
 def time_pipeline(config, batches: int, warmup: int) -> dict:
   """Wall and CPU throughput of create_train_iterator (with masks) over `batches` batches."""
   spec = masking.spec_from_config(config)
-  it = input_pipeline.create_train_iterator(config, spec, process_index=0, process_count=1)
+  it = train_stream.create_train_iterator(config, spec, process_index=0, process_count=1)
   for batch in itertools.islice(it, warmup):
     assert batch['image'].shape[1:] == (config.model.image_size,) * 2 + (3,)
   cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -172,7 +172,8 @@ def main(argv):
   from stop_jax import config as config_lib
   from stop_jax.data import masking
   from stop_jax.runtime import sharding
-  from stop_jax.train import loop as trainer
+  from stop_jax.train import setup
+  from stop_jax.train.schedules import Schedules
 
   config = _CONFIG.value
   config.model.dtype = 'bfloat16'
@@ -201,8 +202,8 @@ def main(argv):
       c.model.depth = depth
       c.mesh.data, c.mesh.fsdp = data, fsdp
       mesh = sharding.make_mesh(c)
-      setup = trainer.make_sharded_step(c, mesh, steps_per_epoch=1000)
-      per_depth[depth] = collectives(setup.lower(c, spec).compile().as_text(), n)
+      sharded = setup.make_sharded_step(c, mesh, Schedules.from_config(c, 1000))
+      per_depth[depth] = collectives(sharded.lower(c, spec).compile().as_text(), n)
 
     # Affine in depth: the real depth's collectives = depth-2 ones + (d - 2)/2 x the added ones.
     # Records are scaled by weighting their sizes; extrapolate by kind, group and size.

@@ -17,7 +17,7 @@ indices, from our `masking.sample_masks` as `train_step.make_batch` draws them (
 The PyTorch side is a CPU re-implementation of the official StoP training step (amirbar/StoP
 `main.py` and `src/deit.py`, itself I-JEPA's `src/train.py` and `vision_transformer.py` plus the
 noise) on the official-layout modules of `reference/official_torch.py`, the same ones the
-checkpoint-import parity test (`tests/test_convert.py`) checks our models against. One step:
+checkpoint-import parity test (`tests/tools/test_convert.py`) checks our models against. One step:
   1. target encoder on all 196 tokens under no_grad, F.layer_norm, gather each target block;
   2. context encoder on the context tokens; the predictor runs the context concatenated with each
      target block's tokens (sin-cos position + predictor_embed(N(0, 0.25^2) noise in d_e)) as a
@@ -82,7 +82,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from reference import official_torch  # noqa: E402
 from stop_jax import config as config_lib  # noqa: E402
-from stop_jax.train import loop as trainer  # noqa: E402
+from stop_jax.runtime import compiler  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config',
@@ -251,7 +251,7 @@ def run(
   n_ours = {k: int(sum(x.size for x in jax.tree.leaves(v))) for k, v in state.params.items()}
   rng = jax.random.key(config.seed + 1)
   t0 = time.perf_counter()
-  compiled = trainer.compile_lowered(step_fn.lower(state, batch, rng), config)
+  compiled = compiler.compile_lowered(step_fn.lower(state, batch, rng), config.xla_cpu_matmul)
   compile_s = time.perf_counter() - t0
 
   peaks = {'xla': [train_step.matmul_peak_gflops()], 'torch': [torch_matmul_peak_gflops()]}

@@ -11,7 +11,7 @@ Variants (paper Sec. 4.2; evaluated with the IN-1k 1% linear probe):
   context      StoP noise on context tokens only
   both         StoP noise on context and masked tokens
   fixed_cov    noise with fixed covariance added at d_p, no tying to A
-  untied       noise through a separate matrix A' (collapses: A' shrinks, see bench/collapse.py)
+  untied       noise through a separate matrix A' (collapses: A' shrinks, see experiments/collapse)
   l1, l2       deterministic positions with an l1 / l2 penalty on A (weight: --config.stop.reg_weight)
 Expected: StoP beats sincos on IN-1k 1% (paper: +3.2 points at this setting).
 """

@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.model.variant = 'tiny'
   c.model.width, c.model.depth, c.model.num_heads = 64, 4, 4
   c.model.image_size, c.model.patch_size = 32, 4
-  # On XLA:CPU the erf GELU and the scanned block loop each cost ~40% of this tiny step;
+  # On XLA:CPU the erf GELU and the scanned block loop each cost a large share of this tiny step;
   # the official exact GELU and scan stay the defaults for the real configs.
   c.model.gelu = 'tanh'
   c.model.scan_blocks = False

@@ -1,7 +1,7 @@
 """The official I-JEPA / StoP models, written again in PyTorch in the official module layout.
 
 The reference we compare with, number by number, in two places:
-  - `tests/test_convert.py` gives these modules random weights, saves them as an official
+  - `tests/tools/test_convert.py` gives these modules random weights, saves them as an official
     checkpoint, converts it and checks that our models agree to 1e-4 relative;
   - `bench/torch_reference.py` times the official StoP train step built from them against ours.
 

@@ -1,7 +1,7 @@
 """Entry point: `python -m stop_jax.main --config=configs/vith14.py --workdir=DIR`.
 
 Any config key can be overridden on the command line, e.g. `--config.stop.sigma=0.1`; an
-unknown key fails at once (the config is locked). All logic lives in `trainer.py`.
+unknown key fails at once (the config is locked). All logic lives in `train/loop.py`.
 
 Multi-host: on TPU pods and under SLURM (srun) or Open MPI (mpirun) the processes find each
 other by themselves; elsewhere start one process per host with
@@ -23,7 +23,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from stop_jax.runtime import distributed  # noqa: E402
-from stop_jax.train import loop as trainer  # noqa: E402
+from stop_jax.train import loop  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:arg]).')
 flags.DEFINE_string('workdir', None, 'Run directory: config, metrics, TensorBoard, checkpoints.')
@@ -63,7 +63,7 @@ def main(argv):
   if jax.process_index() != 0:
     # Every host runs the same loop: one voice is enough (warnings still come from all).
     logging.set_verbosity(logging.WARNING)
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

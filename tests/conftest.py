@@ -38,8 +38,8 @@ def tiny_run(tmp_path_factory) -> str:
 
   Read-only for the tests: copy it before changing anything in it.
   """
-  from stop_jax.tools import analysis
+  from stop_jax.tools.analysis import runs
 
   return shared_once(
-    tmp_path_factory, 'tiny_run', lambda d: analysis.ensure_tiny_run(d, steps=TINY_RUN_STEPS)
+    tmp_path_factory, 'tiny_run', lambda d: runs.ensure_tiny_run(d, steps=TINY_RUN_STEPS)
   )

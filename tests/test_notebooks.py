@@ -1,20 +1,17 @@
 """Every notebook in notebooks/ runs headless from top to bottom and draws its figures.
 
-The notebooks read their run from STOP_JAX_WORKDIR: one tiny run, trained once per test session
-(and shared by the pytest-xdist workers), stands in for a real checkpoint.
+The notebooks read their run from STOP_JAX_WORKDIR: conftest's `tiny_run`, trained once per test
+session (and shared by the pytest-xdist workers and the other tests), stands in for a real
+checkpoint.
 """
 
-import fcntl
 import json
-import os
 import pathlib
 import sys
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
-
-from stop_jax.tools import analysis
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / 'notebooks'
 NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob('*.ipynb'))
@@ -25,7 +22,7 @@ MIN_FIGURES = {
   'prediction_heatmaps.ipynb': 3,  # one per image
   'stop_regularisation.ipynb': 2,  # against sigma, along training
 }
-TINY_STEPS = 30
+QUICKSTART_STEPS = 30  # the quickstart trains its own run, as short as conftest's tiny_run
 
 
 def _outputs(nb):
@@ -41,18 +38,6 @@ def test_notebooks_are_registered_valid_and_stored_without_outputs():
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert "'google.colab' in sys.modules" in code[0].source, name  # Colab install cell first
     assert not _outputs(nb) and all(c.execution_count is None for c in code), name
-
-
-@pytest.fixture(scope='session')
-def tiny_run(tmp_path_factory):
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    base = base.parent  # the session's root, shared by its xdist workers
-  workdir = base / 'notebook_tiny_run'
-  with open(base / 'notebook_tiny_run.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker trains, the others wait and reuse it
-    analysis.ensure_tiny_run(str(workdir), steps=TINY_STEPS)
-  return str(workdir)
 
 
 @pytest.fixture(scope='session')
@@ -78,7 +63,7 @@ def test_notebook_runs_and_draws_its_figures(name, tiny_run, jupyter_path, tmp_p
   monkeypatch.setenv('STOP_JAX_WORKDIR', tiny_run)
   monkeypatch.setenv('STOP_JAX_SWEEP_DIR', str(tmp_path / 'sweep'))
   monkeypatch.setenv('STOP_JAX_QUICKSTART_WORKDIR', str(tmp_path / 'quickstart'))
-  monkeypatch.setenv('STOP_JAX_QUICKSTART_STEPS', str(TINY_STEPS))
+  monkeypatch.setenv('STOP_JAX_QUICKSTART_STEPS', str(QUICKSTART_STEPS))
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
   client = NotebookClient(
     nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(NOTEBOOK_DIR)}}

@@ -8,11 +8,11 @@ the context. This script trains the same small model in both modes, on the same 
 masks, and tracks ||A||_F (`params['predictor']['predictor_embed']['kernel']`) and, untied,
 ||A'||_F (`params['predictor']['noise_proj']['kernel']`).
 
-Command (from the repo root; about a minute per sigma on 2 CPU cores):
-  python bench/collapse.py
-  python bench/collapse.py --sigmas=1.0 --steps=600 --seed=1
+Command (from the repo root; CPU is enough):
+  python experiments/collapse/collapse.py
+  python experiments/collapse/collapse.py --sigmas=1.0 --steps=600 --seed=1
 
-Measured results and how to read them: bench/README.md.
+Measured results and how to read them: experiments/collapse/RESULTS.md.
 
 Setting: sklearn digits (8x8, bilinear to 32x32, grey to RGB, ImageNet-normalised; no download),
 ViT 64 wide, 2 deep, 4 heads, patch 4 (an 8x8 grid); predictor 32 wide, 2 deep, 4 heads;
@@ -27,8 +27,8 @@ import os
 import sys
 import time
 
-# `python bench/collapse.py` puts bench/ on the path, not the repo root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# `python experiments/collapse/collapse.py` puts this folder on the path, not the repo root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from stop_jax import config as config_lib  # noqa: E402
-from stop_jax import models
+from stop_jax import models  # noqa: E402
 from stop_jax.data import masking  # noqa: E402
 from stop_jax.train import step as step_lib  # noqa: E402
 from stop_jax.train.schedules import Schedules  # noqa: E402
@@ -49,7 +49,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Init, batch-order and mask seed (shared
 
 BATCH = 32
 PROBE_IMAGES = 128
-# input_pipeline's ImageNet statistics, repeated so this script does not import TensorFlow.
+# stop_jax.data.augment's ImageNet statistics, repeated so this script does not import
+# TensorFlow.
 MEAN_RGB = (0.485, 0.456, 0.406)
 STD_RGB = (0.229, 0.224, 0.225)
 

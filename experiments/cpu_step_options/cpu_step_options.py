@@ -1,23 +1,27 @@
 r"""The CPU step's knobs side by side: matmul library and scanned blocks, interleaved in one run.
 
 Commands (from the repo root):
-  python bench/cpu_step_options.py                    # ViT-Ti/16 reference step, 8 rounds
-  python bench/cpu_step_options.py --rounds=12 --config.data.global_batch_size=32
+  python experiments/cpu_step_options/cpu_step_options.py       # ViT-Ti/16 step, 8 rounds
+  python experiments/cpu_step_options/cpu_step_options.py --rounds=12 \
+    --config.data.global_batch_size=32
 
-Each variant is the real train step (`train_step.build_step`, state donated) of the ViT-Ti/16
-preset, changed in one knob and compiled with the trainer's `compiler_options`:
+Measured results: experiments/cpu_step_options/RESULTS.md.
+
+Each variant is the real train step (bench/train_step.py's `build_step`, state donated) of the
+ViT-Ti/16 preset, changed in one knob and compiled with the trainer's `compiler.compiler_options`:
   onednn    the default: `xla_cpu_matmul='onednn'`, blocks unrolled (the preset);
   eigen     `xla_cpu_matmul='eigen'`;
   ynnpack   `xla_cpu_matmul='ynnpack'` (XLA:CPU's own default);
   scan      `model.scan_blocks=True` (the configs' default; compile time flat in depth).
 All are compiled first, then timed in `--rounds` rounds of one step each, the order reversed
 every round, so load from other jobs on a shared VM hits every variant alike: run to run, the
-absolute times on the 2-core dev VM move by 20% or more, the ratios far less. Prints the median
-step time of each and its ratio to the first (onednn), the losses after the run (they agree to
-rounding: same step, sums in another order), and `RESULT {json}`.
+absolute times move far more than the ratios. Prints the median step time of each and its ratio
+to the first (onednn), the losses after the run (they agree to rounding: same step, sums in
+another order), and `RESULT {json}`.
 
-The process restarts itself with huge-page malloc as the trainer does (host_devices.py); run
-with STOP_JAX_HUGEPAGE_MALLOC=0 to time the step without it.
+The process restarts itself with huge-page malloc as the trainer does
+(stop_jax/runtime/host_devices.py); run with STOP_JAX_HUGEPAGE_MALLOC=0 to time the step
+without it.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repo root (two levels up) for stop_jax, and bench/ for its train_step module.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, 'bench')
+sys.path.insert(0, BENCH)
+sys.path.insert(0, ROOT)
 
 if __name__ == '__main__':
   from stop_jax.runtime import host_devices
@@ -41,7 +48,7 @@ import train_step  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stop_jax.train import loop as trainer  # noqa: E402
+from stop_jax.runtime import compiler  # noqa: E402
 
 VARIANTS = {
   'onednn': {},
@@ -60,7 +67,7 @@ def run(config, rounds: int) -> dict:
     c.update_from_flattened_dict(changes)
     fn, state = train_step.build_step(c)
     t0 = time.perf_counter()
-    compiled = trainer.compile_lowered(fn.lower(state, batch, rng), c)
+    compiled = compiler.compile_lowered(fn.lower(state, batch, rng), c.xla_cpu_matmul)
     steps[name] = [compiled, state]
     print(f'{name}: compiled in {time.perf_counter() - t0:.1f}s', flush=True)
   times = {name: [] for name in steps}
@@ -103,7 +110,7 @@ def main(argv):
 if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file(
     'config',
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_step.py') + ':vit_ti16',
+    os.path.join(BENCH, 'train_step.py') + ':vit_ti16',
     'The setting the variants change (default: the ViT-Ti/16 preset).',
   )
   _ROUNDS = flags.DEFINE_integer('rounds', 8, 'Timed rounds (one step of every variant each).')

@@ -1,34 +1,48 @@
 """The config: its schema (every key, declared once), its checks, and loading config files.
 
 Call sites use this package's names (`config_lib.base_config()`, `config_lib.validate(c)`,
-`config_lib.load_config_file('tiny.py')`); each is defined in exactly one submodule.
+`config_lib.load_config_file('tiny.py')`); each is defined in exactly one submodule:
+  schema   base_config (every key, one builder per group), lock, vit_shape, the allowed values
+  checks   validate (one check per group, in the schema's order), ConfigError
+  loading  from_dict, load_json (a saved config.json), load_config_file, parse_arg
 """
 
-from stop_jax.config.base import (
-  DATA_SOURCES,
-  EVAL_LABELS,
-  EVAL_SOURCES,
-  FEATURE_TYPES,
-  VIT_VARIANTS,
-  ConfigError,
-  base_config,
+from stop_jax.config.checks import ConfigError, validate
+from stop_jax.config.loading import (
+  find_config_file,
   from_dict,
   load_config_file,
   load_json,
-  lock,
   parse_arg,
-  validate,
+)
+from stop_jax.config.schema import (
+  DATA_SOURCES,
+  EVAL_LABELS,
+  EVAL_PROTOCOLS,
+  EVAL_SOURCES,
+  FEATURE_TYPES,
+  INTERPOLATIONS,
+  MASK_MODES,
+  STOP_MODES,
+  VIT_VARIANTS,
+  base_config,
+  lock,
   vit_shape,
 )
 
 __all__ = [
   'DATA_SOURCES',
   'EVAL_LABELS',
+  'EVAL_PROTOCOLS',
   'EVAL_SOURCES',
   'FEATURE_TYPES',
+  'INTERPOLATIONS',
+  'MASK_MODES',
+  'STOP_MODES',
   'VIT_VARIANTS',
   'ConfigError',
   'base_config',
+  'find_config_file',
   'from_dict',
   'load_config_file',
   'load_json',

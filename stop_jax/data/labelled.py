@@ -1,17 +1,16 @@
-"""Evaluation data: labelled images for the probes, from tfds, an image folder, digits or noise.
+"""Labelled data for evaluation: images and class labels, in batches.
 
-One spec (`EvalData`) names a split of a source; two streams read it, each returning this
-process's share of every global batch (per-process sharding, so a multi-host evaluation reads
-each example once):
+One spec (`EvalData`) names a split of a source (`sources`); two streams read it, each returning
+this process's share of every global batch (per-process sharding, so a multi-host evaluation
+reads each example once):
 
-- `eval_batches`: un-augmented images (shorter side to `image_size * resize_ratio`, central
-  crop), in file order, padded to whole batches with `valid=False` rows so every process runs
-  the same number of steps with one static shape.
-- `train_batches`: the VISSL linear-probe augmentation (RandomResizedCrop + horizontal flip),
-  shuffled, repeated forever, whole batches only.
+- `eval_batches`: un-augmented images (`augment.eval_transform`: shorter side to
+  `image_size * resize_ratio`, central crop), in file order, padded to whole batches with
+  `valid=False` rows so every process runs the same number of steps with one static shape.
+- `train_batches`: the VISSL linear-probe augmentation (`augment.train_transform`:
+  RandomResizedCrop + horizontal flip), shuffled, repeated forever, whole batches only.
 
-Resizing is bilinear with antialiasing, the torchvision default of the VISSL transforms. Pixels
-are normalised with the ImageNet mean/std, as in pretraining.
+Pixels are normalised with the ImageNet mean/std, as in pretraining.
 
 Labels: the tfds `label` feature, or the VTAB definitions on CLEVR (`clevr_count`: number of
 objects minus 3, 8 classes; `clevr_distance`: the depth of the closest object binned by VTAB's
@@ -25,7 +24,6 @@ import dataclasses
 import functools
 import math
 import os
-import zlib
 from collections.abc import Iterator
 
 import jax
@@ -34,8 +32,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from stop_jax import config as config_lib
-from stop_jax.data import pipeline as input_pipeline
-from stop_jax.data.pipeline import MEAN_RGB, STD_RGB, DatasetNotReadyError, load_eval_arrays
+from stop_jax.data import augment, decode, keys, probe_arrays, sources
 
 SOURCES = config_lib.EVAL_SOURCES
 LABELS = config_lib.EVAL_LABELS
@@ -46,12 +43,8 @@ CLEVR_COUNT_MIN_OBJECTS = 3  # CLEVR scenes hold 3..10 objects: 8 classes.
 _NUM_CLASSES_OF_LABEL = {'clevr_count': 8, 'clevr_distance': 6}
 
 DIGITS_NUM_CLASSES = 10
-SYNTHETIC_NUM_CLASSES = 10
-SYNTHETIC_SIZE = 48  # Generated images are this square size before the transforms.
-SYNTHETIC_DEFAULT_EXAMPLES = {'train': 10_000, 'test': 2_000}
-CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision default).
-_RRC_ATTEMPTS = 10  # As torchvision: keep the whole image after this many misses.
 _SHUFFLE_BUFFER = 10_000
+_PREFIX = 'EvalData.'  # How error messages name the spec's settings.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +72,7 @@ class EvalData:
   split: str = 'train'
   label: str = 'label'
   image_size: int = 224
-  resize_ratio: float = 256 / 224
+  resize_ratio: float = augment.EVAL_RESIZE_RATIO
   center_crop: bool = True
   max_examples: int = -1
   digits_upscale: str = 'bilinear'
@@ -172,107 +165,11 @@ _LABEL_FNS = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Transforms: float images in [0, 1] of any size -> normalised [S, S, 3].
-
-
-def _to_rgb_float(image: tf.Tensor) -> tf.Tensor:
-  """uint8 or float [h, w, 1 | 3 | 4] -> float32 [h, w, 3] in [0, 1] (alpha dropped)."""
-  image = tf.image.convert_image_dtype(image, tf.float32)
-  channels = tf.shape(image)[-1]
-  image = tf.cond(channels == 1, lambda: tf.tile(image, [1, 1, 3]), lambda: image[..., :3])
-  return tf.ensure_shape(image, [None, None, 3])
-
-
-def _normalise(image: tf.Tensor) -> tf.Tensor:
-  return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
-
-
-def _resize(image: tf.Tensor, hw) -> tf.Tensor:
-  image = tf.image.resize(image, hw, method='bilinear', antialias=True)
-  return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def eval_transform(
-  image: tf.Tensor, size: int, resize_ratio: float, center_crop: bool = True
-) -> tf.Tensor:
-  """Resize the shorter side to round(size * resize_ratio), take the central size x size crop.
-
-  Args:
-    image: float [h, w, 3] in [0, 1].
-    size: output side S.
-    resize_ratio: >= 1 (256/224 in the VISSL/DINO protocols).
-    center_crop: False: resize the whole image to S x S instead (aspect not kept).
-
-  Returns:
-    Normalised float32 [S, S, 3].
-  """
-  if not center_crop:
-    return _normalise(tf.ensure_shape(_resize(image, [size, size]), [size, size, 3]))
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = round(size * resize_ratio) / tf.reduce_min(hw)
-  new_hw = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), size)
-  image = _resize(image, new_hw)
-  y, x = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
-  return _normalise(tf.ensure_shape(image[y : y + size, x : x + size, :], [size, size, 3]))
-
-
-def train_transform(
-  image: tf.Tensor, seed: tf.Tensor, size: int, crop_scale, flip: bool
-) -> tf.Tensor:
-  """RandomResizedCrop(size, scale=crop_scale, ratio=(3/4, 4/3)) and an optional flip.
-
-  The crop is TF's Inception-style sampler (`stateless_sample_distorted_bounding_box`), the
-  same distribution as torchvision's RandomResizedCrop: area fraction uniform in crop_scale,
-  log-uniform aspect ratio, 10 attempts, then the whole image.
-
-  Args:
-    image: float [h, w, 3] in [0, 1].
-    seed: int [2] stateless seed of this example.
-    size: output side S.
-    crop_scale: (lo, hi) area fraction.
-    flip: mirror horizontally with probability 1/2.
-
-  Returns:
-    Normalised float32 [S, S, 3].
-  """
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  if crop_scale[0] < 1.0:
-    begin, crop_hw, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image),
-      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=crop_seed,
-      min_object_covered=0.0,
-      aspect_ratio_range=CROP_RATIO,
-      area_range=tuple(crop_scale),
-      max_attempts=_RRC_ATTEMPTS,
-      use_image_if_no_bounding_boxes=True,
-    )
-    image = tf.slice(image, begin, crop_hw)
-  image = _resize(image, [size, size])  # crop_scale (1, 1): the whole image, aspect not kept
-  if flip:
-    mirror = tf.random.stateless_uniform([], flip_seed) < 0.5
-    image = tf.cond(mirror, lambda: tf.reverse(image, axis=[1]), lambda: image)
-  return _normalise(tf.ensure_shape(image, [size, size, 3]))
-
-
-# ---------------------------------------------------------------------------------------------
 # Raw per-process streams of (float image [h, w, 3] in [0, 1], int32 label).
 
 
 def _tfds_builder(spec: EvalData):
-  try:
-    return tfds.builder(spec.name, data_dir=spec.data_dir or None)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetNotReadyError(f'unknown tfds dataset {spec.name!r}: {e}') from None
-
-
-def _not_ready(spec: EvalData, err: Exception) -> DatasetNotReadyError:
-  data_dir = f' --data_dir={spec.data_dir}' if spec.data_dir else ''
-  return DatasetNotReadyError(
-    f'tfds dataset {spec.name!r} split {spec.split!r} cannot be read ({err}). Prepare it with '
-    f'`tfds build {spec.name}{data_dir}` (ImageNet, iNaturalist and Places need their archives '
-    'in --manual_dir first).'
-  )
+  return sources.tfds_builder(spec.name, spec.data_dir, _PREFIX)
 
 
 def _sliced_split(spec: EvalData) -> str:
@@ -282,61 +179,54 @@ def _sliced_split(spec: EvalData) -> str:
 def _tfds_raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None):
   builder = _tfds_builder(spec)
   split = tfds.even_splits(_sliced_split(spec), n=count, drop_remainder=False)[index]
-  options = tf.data.Options()
   # Deterministic even when shuffled: the augmentation is keyed on the read position, so the
   # order must repeat for a rerun to see the same (image, crop) pairs.
-  options.deterministic = True
-  read_config = tfds.ReadConfig(options=options, try_autocache=False, shuffle_seed=shuffle_seed)
-  try:
-    ds = builder.as_dataset(
-      split=split, shuffle_files=shuffle_seed is not None, read_config=read_config
-    )
-  except (AssertionError, FileNotFoundError, ValueError, tf.errors.NotFoundError) as e:
-    raise _not_ready(spec, e) from None
+  read_config = tfds.ReadConfig(
+    options=keys.deterministic_options(), try_autocache=False, shuffle_seed=shuffle_seed
+  )
+  ds = sources.tfds_dataset(
+    builder,
+    spec.name,
+    spec.data_dir,
+    split,
+    _PREFIX,
+    shuffle_files=shuffle_seed is not None,
+    read_config=read_config,
+  )
   label_fn = _LABEL_FNS[spec.label]
   return ds.map(
-    lambda ex: (_to_rgb_float(ex['image']), label_fn(ex)), num_parallel_calls=tf.data.AUTOTUNE
+    lambda ex: (augment.to_rgb_float(ex['image']), label_fn(ex)),
+    num_parallel_calls=tf.data.AUTOTUNE,
   )
 
 
 def _folder_index(spec: EvalData) -> tuple[np.ndarray, np.ndarray, int]:
   """(sorted file paths, labels, number of classes) of <data_dir>/<split>/<class>/*.
 
-  The pretraining pipeline's folder reader: labels index the class_split's sorted classes.
+  Labels index the class_split's sorted classes.
   """
   root, class_split = os.path.abspath(spec.data_dir), spec.class_split or spec.split
-  paths, labels = input_pipeline._folder_files(root, spec.split, class_split)
-  return paths, labels, len(input_pipeline._folder_classes(root, class_split))
-
-
-def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  paths, labels = sources.folder_files(root, spec.split, class_split)
+  return paths, labels, len(sources.folder_classes(root, class_split))
 
 
 @functools.lru_cache(maxsize=4)
 def _digits(split: str, size: int, upscale: str) -> tuple[np.ndarray, np.ndarray]:
-  """The pretraining pipeline's digits split as float [N, S, S, 3] in [0, 1], int32 [N]."""
-  c = config_lib.base_config()
-  c.data.source, c.data.digits_upscale = 'digits', upscale
-  c.model.image_size = c.model.patch_size = size
-  images, labels = load_eval_arrays(c, split, -1)  # Normalised: undo it, transforms redo it.
-  images = np.clip(images * np.asarray(STD_RGB) + np.asarray(MEAN_RGB), 0.0, 1.0)
+  """The digits split as float [N, S, S, 3] in [0, 1], int32 [N].
+
+  The probe arrays with their normalisation undone (the transforms redo it): the float32 round
+  trip keeps these pixels bitwise what evaluation has always read.
+  """
+  images, labels = probe_arrays.digits_arrays(split, size, upscale, None)
+  images = np.clip(images * np.asarray(augment.STD_RGB) + np.asarray(augment.MEAN_RGB), 0.0, 1.0)
   return images.astype(np.float32), labels
-
-
-def _synthetic_example(split_key: int, i: tf.Tensor):
-  """Noise whose per-channel mean depends on the label, so a linear probe can learn it."""
-  label = tf.cast(i % SYNTHETIC_NUM_CLASSES, tf.int32)
-  seed = tf.stack([tf.constant(split_key, tf.int64), tf.cast(i, tf.int64)])
-  noise = tf.random.stateless_uniform([SYNTHETIC_SIZE, SYNTHETIC_SIZE, 3], seed)
-  shift = tf.cast(label, tf.float32) / SYNTHETIC_NUM_CLASSES * tf.constant([1.0, 0.5, 0.25])
-  return tf.clip_by_value(0.5 * noise + 0.5 * shift, 0.0, 1.0), label
 
 
 def _synthetic_count(spec: EvalData) -> int:
   if spec.max_examples > 0:
     return spec.max_examples
-  return SYNTHETIC_DEFAULT_EXAMPLES.get(spec.split, SYNTHETIC_DEFAULT_EXAMPLES['test'])
+  counts = sources.LABELLED_SYNTHETIC_EXAMPLES
+  return counts.get(spec.split, counts['test'])
 
 
 def _check_split(spec: EvalData, allowed=('train', 'test')):
@@ -351,14 +241,14 @@ def _raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None = None
   limit = None if spec.max_examples < 0 else spec.max_examples
   if spec.source == 'folder':
     paths, labels, _ = _folder_index(spec)
-    if limit is not None and limit < len(paths):
-      # A fixed random subset: the listing is sorted by class, so its head would miss classes.
-      keep = np.sort(np.random.default_rng(0).permutation(len(paths))[:limit])
-      paths, labels = paths[keep], labels[keep]
+    paths, labels = sources.folder_subset(paths, labels, limit)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     ds = ds.shard(count, index)
     return ds.map(
-      lambda p, y: (_to_rgb_float(_decode_file(p)), tf.cast(y, tf.int32)),
+      lambda p, y: (
+        augment.to_rgb_float(decode.decode_full(tf.io.read_file(p))),
+        tf.cast(y, tf.int32),
+      ),
       num_parallel_calls=tf.data.AUTOTUNE,
     )
   _check_split(spec)
@@ -366,9 +256,11 @@ def _raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None = None
     images, labels = _digits(spec.split, spec.image_size, spec.digits_upscale)
     ds = tf.data.Dataset.from_tensor_slices((images[:limit], labels[:limit]))
     return ds.shard(count, index)
-  key = zlib.crc32(spec.split.encode())
+  key = sources.synthetic_split_key(spec.split)
   ds = tf.data.Dataset.range(_synthetic_count(spec)).shard(count, index)
-  return ds.map(lambda i: _synthetic_example(key, i), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(
+    lambda i: sources.labelled_synthetic_example(key, i), num_parallel_calls=tf.data.AUTOTUNE
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +274,7 @@ def num_classes(spec: EvalData) -> int:
   if spec.source == 'digits':
     return DIGITS_NUM_CLASSES
   if spec.source == 'synthetic':
-    return SYNTHETIC_NUM_CLASSES
+    return sources.LABELLED_SYNTHETIC_NUM_CLASSES
   if spec.source == 'folder':
     return _folder_index(spec)[2]
   features = _tfds_builder(spec).info.features
@@ -424,7 +316,7 @@ def _process(process_index, process_count, global_batch: int) -> tuple[int, int,
   return index, count, global_batch // count
 
 
-def _options() -> tf.data.Options:
+def _memory_options() -> tf.data.Options:
   options = tf.data.Options()
   options.autotune.enabled = True
   # Host RAM is shared with the accelerator's feeding: cap what autotuned buffers may take.
@@ -454,14 +346,14 @@ def eval_batches(
   steps = math.ceil(math.ceil(n / count) / local)
   size = spec.image_size
   ds = _raw(spec, index, count).map(
-    lambda x, y: (eval_transform(x, size, spec.resize_ratio, spec.center_crop), y, True),
+    lambda x, y: (augment.eval_transform(x, size, spec.resize_ratio, spec.center_crop), y, True),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   pad = tf.data.Dataset.from_tensors(
     (tf.zeros([size, size, 3]), tf.constant(0, tf.int32), False)
   ).repeat()
   ds = ds.concatenate(pad).take(steps * local).batch(local, drop_remainder=True)
-  for image, label, valid in ds.with_options(_options()).prefetch(2).as_numpy_iterator():
+  for image, label, valid in ds.with_options(_memory_options()).prefetch(2).as_numpy_iterator():
     yield {'image': image, 'label': label, 'valid': valid}
 
 
@@ -487,11 +379,12 @@ def train_batches(
   ds = ds.repeat().shuffle(_SHUFFLE_BUFFER, seed=seed + 7919 * index).enumerate()
   size = spec.image_size
 
-  def augment(i, example):
+  def augment_example(i, example):
     image, label = example
     key = tf.stack([tf.constant(seed * 1_000_003 + index, tf.int64), i])
-    return train_transform(image, key, size, crop_scale, flip), label
+    return augment.train_transform(image, key, size, crop_scale, flip), label
 
-  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(local, drop_remainder=True)
-  for image, label in ds.with_options(_options()).prefetch(2).as_numpy_iterator():
+  ds = ds.map(augment_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True)
+  for image, label in ds.with_options(_memory_options()).prefetch(2).as_numpy_iterator():
     yield {'image': image, 'label': label}

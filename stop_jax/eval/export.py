@@ -5,7 +5,7 @@ r"""Inference-only export of a run's target encoder.
 writes to DIR (default WORKDIR/export/step_N):
 
 - `encoder_params.npz`: the EMA target encoder's params only (no predictor, no context
-  encoder, no optimiser state: about 1/6 of a checkpoint), one array per '/'-joined param path,
+  encoder, no optimiser state: a fraction of a checkpoint), one array per '/'-joined param path,
   readable with plain numpy;
 - `config.json`: the run's resolved config, so `models.build_encoder` rebuilds the module;
 - `export.json`: where it came from (workdir, step), param count, dtype, bytes.

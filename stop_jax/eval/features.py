@@ -35,9 +35,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from stop_jax import config as config_lib
+from stop_jax.data import batch as batch_lib
 
 FEATURE_TYPES = config_lib.FEATURE_TYPES
 NUM_LAST_LAYERS = 4
+CACHE_VERSION = 1  # Bump when the feature computation changes, so old cache files are ignored.
 
 
 def check_feature_types(feature_types: Sequence[str], depth: int) -> tuple[str, ...]:
@@ -132,6 +134,7 @@ class FeatureExtractor:
     self.global_batch = padded_batch_size(global_batch, self.mesh)
     self.local_batch = self.global_batch // jax.process_count()
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    self._shardings = dict.fromkeys(('image', 'label', 'valid'), self.batch_sharding)
     self.params = jax.device_put(nn.meta.unbox(params), NamedSharding(self.mesh, P()))
     self._fn = _jitted_extract(encoder, self.feature_types, self.mesh)
 
@@ -162,8 +165,8 @@ class FeatureExtractor:
       images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)])
       labels = np.concatenate([labels, np.zeros((pad,), np.int32)])
       valid = np.concatenate([valid, np.zeros((pad,), bool)])
-    to_global = lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x)  # noqa: E731
-    out = self._fn(self.params, to_global(images), to_global(labels), to_global(valid))
+    batch = batch_lib.to_global({'image': images, 'label': labels, 'valid': valid}, self._shardings)
+    out = self._fn(self.params, batch['image'], batch['label'], batch['valid'])
     for x in jax.tree.leaves(out):
       x.copy_to_host_async()  # the copy starts as soon as the batch is done, not when fetched
     return out

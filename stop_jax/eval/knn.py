@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from stop_jax.data import labelled as eval_input
+from stop_jax.data import labelled
 from stop_jax.eval import features
 
 _TEST_CHUNK = 256  # Test rows per jitted call: bounds the [chunk, N_train] similarity matrix.
@@ -123,11 +123,11 @@ def knn_eval(config, encoder, params) -> dict:
   extractor = features.FeatureExtractor(encoder, params, e.batch_size, ('last',))
   data, specs = {}, {}
   for role in ('train', 'test'):
-    specs[role] = eval_input.from_run_config(config, role, e.knn_max_examples)
-    batches = eval_input.eval_batches(specs[role], extractor.global_batch)
+    specs[role] = labelled.from_run_config(config, role, e.knn_max_examples)
+    batches = labelled.eval_batches(specs[role], extractor.global_batch)
     feats, labels = features.extract_from_batches(extractor, batches)
     data[role] = (feats['last'], labels)
-  num_classes = eval_input.num_classes(specs['train'])  # the classes the neighbours vote for
+  num_classes = labelled.num_classes(specs['train'])  # the classes the neighbours vote for
   res = knn_accuracy(*data['train'], *data['test'], num_classes, e.knn_k, e.knn_temperature)
   logging.info('k-NN (k=%d, T=%g): top-1 %.2f%%', res['k'], e.knn_temperature, 100 * res['top1'])
   return {f'knn_{k}': v for k, v in res.items()}

@@ -1,13 +1,13 @@
 """Full linear probe (VISSL protocol): linear heads on a frozen encoder, trained with optax.
 
 Training images get RandomResizedCrop + horizontal flip, test images a resize and a center crop
-(`eval_input`). The trunk is frozen (its params are an input of the step, never differentiated);
+(`data.labelled`). The trunk is frozen (its params are an input of the step, never differentiated);
 the heads are plain BatchNorm-free linear layers on the chosen pooled features (`features`).
 By default the features are first standardised with a fixed mean/std measured once on
 un-augmented train images (`eval.linear_standardize_examples`): an affine map, so each head is
 still one linear layer, but without it plain SGD crawls on ViT features, whose per-dimension
-spread across images is small next to their common offset (measured on the tiny digits encoder:
-0.03 against 0.7, and a 10-epoch probe stays at chance).
+spread across images is small next to their common offset (on the tiny digits encoder a short
+probe without it stays at chance).
 
 One forward pass of the trunk feeds several heads at once, one per (feature type, base LR):
 their losses are summed, but every head's gradient only depends on its own loss and each has
@@ -36,7 +36,8 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from stop_jax.data import labelled as eval_input
+from stop_jax.data import batch as batch_lib
+from stop_jax.data import labelled
 from stop_jax.eval import features
 
 _HEAD_INIT_STD = 0.01  # DINO's LinearClassifier: N(0, 0.01^2) weights, zero bias.
@@ -190,18 +191,162 @@ def feature_stats(
   spec = dataclasses.replace(train_spec, max_examples=n)
   extractor = features.FeatureExtractor(encoder, params, batch, feature_types, mesh)
   feats, _ = features.extract_from_batches(
-    extractor, eval_input.eval_batches(spec, extractor.global_batch)
+    extractor, labelled.eval_batches(spec, extractor.global_batch)
   )
   # float64 sums: a million rows of float32 would lose digits.
   return {t: (x.astype(np.float64).mean(0), x.astype(np.float64).std(0)) for t, x in feats.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbePlan:
+  """The sizes of one linear probe, from config.eval and the data.
+
+  head_types: head name -> its feature type; base_lrs: head name -> its base LR (before the
+  batch-size scaling).
+  """
+
+  feature_types: tuple[str, ...]
+  head_types: dict[str, str]
+  base_lrs: dict[str, float]
+  batch: int  # training batch, a multiple of the device count
+  eval_batch: int  # feature statistics and test batches
+  steps_per_epoch: int
+  total_steps: int
+  num_train: int
+  num_classes: int
+
+
+def make_plan(
+  eval_config, train_spec, test_spec, feature_types: tuple[str, ...], mesh: jax.sharding.Mesh
+) -> ProbePlan:
+  """The probe's heads and step counts; raises ValueError if the data do not fit them."""
+  e = eval_config
+  batch = features.padded_batch_size(e.linear_batch_size, mesh)
+  n_train = labelled.num_examples(train_spec)
+  steps_per_epoch = n_train // batch
+  if steps_per_epoch < 1:
+    raise ValueError(f'{n_train} train examples do not fill one batch of {batch}.')
+  num_classes = labelled.num_classes(train_spec)
+  if labelled.num_classes(test_spec) != num_classes:
+    raise ValueError(
+      f'train split has {num_classes} classes, test split {labelled.num_classes(test_spec)}.'
+    )
+  return ProbePlan(
+    feature_types=feature_types,
+    head_types={head_name(t, lr): t for t in feature_types for lr in e.linear_lrs},
+    base_lrs={head_name(t, lr): float(lr) for t in feature_types for lr in e.linear_lrs},
+    batch=batch,
+    eval_batch=features.padded_batch_size(e.batch_size, mesh),
+    steps_per_epoch=steps_per_epoch,
+    total_steps=int(e.linear_epochs * steps_per_epoch),
+    num_train=n_train,
+    num_classes=num_classes,
+  )
+
+
+def train_heads(config, encoder, trunk, norm, plan: ProbePlan, train_spec, mesh) -> tuple:
+  """Trains the plan's heads on augmented train images: (heads, last losses {name: loss}).
+
+  trunk and norm are replicated over mesh (frozen params, `feature_norm`'s output).
+  """
+  e = config.eval
+  peak = {name: lr * plan.batch / 256 for name, lr in plan.base_lrs.items()}
+  tx = make_optimizer(
+    peak,
+    plan.total_steps,
+    int(e.linear_warmup_epochs * plan.steps_per_epoch),
+    e.linear_optimizer,
+    e.linear_momentum,
+    e.linear_weight_decay,
+  )
+  dims = {n: features.feature_dim(t, encoder.width) for n, t in plan.head_types.items()}
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P('data'))
+  heads = init_heads(jax.random.key(config.seed), dims, plan.num_classes)
+  heads = jax.device_put(heads, replicated)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(heads)
+  train_step = jax.jit(
+    make_train_step(encoder, tx, plan.head_types),
+    in_shardings=(replicated,) * 4 + (batch_sharding,) * 2,
+    out_shardings=(replicated, replicated, replicated),
+    donate_argnums=(0, 1),
+  )
+  logging.info(
+    'linear probe: %d heads, %d steps (%d epochs x %d), batch %d',
+    len(plan.head_types),
+    plan.total_steps,
+    e.linear_epochs,
+    plan.steps_per_epoch,
+    plan.batch,
+  )
+  shardings = {'image': batch_sharding, 'label': batch_sharding}
+  stream = labelled.train_batches(
+    train_spec, plan.batch, tuple(e.linear_crop_scale), e.linear_flip, config.seed
+  )
+  t0, losses = time.perf_counter(), {}
+  for step in range(plan.total_steps):
+    b = batch_lib.to_global(next(stream), shardings)
+    heads, opt_state, losses = train_step(heads, opt_state, trunk, norm, b['image'], b['label'])
+    if (step + 1) % e.log_every_steps == 0 or step + 1 == plan.total_steps:
+      shown = ', '.join(f'{n} {float(v):.4f}' for n, v in sorted(losses.items()))
+      rate = (step + 1) * plan.batch / (time.perf_counter() - t0)
+      logging.info(
+        'linear probe step %d/%d: loss %s (%.0f img/s)', step + 1, plan.total_steps, shown, rate
+      )
+  return heads, losses
+
+
+def score_heads(encoder, heads, trunk, norm, plan: ProbePlan, test_spec, mesh) -> tuple:
+  """({head name: int64 [2] top-1 / top-5 hits}, number of test images) on test_spec."""
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P('data'))
+  eval_step = jax.jit(
+    make_eval_step(encoder, plan.head_types),
+    in_shardings=(replicated,) * 3 + (batch_sharding,) * 3,
+    out_shardings=replicated,
+  )
+  shardings = dict.fromkeys(('image', 'label', 'valid'), batch_sharding)
+  correct = {n: np.zeros(2, np.int64) for n in plan.head_types}
+  n_test = 0
+  for b in labelled.eval_batches(test_spec, plan.eval_batch):
+    b = batch_lib.to_global(b, shardings)
+    out, count = eval_step(heads, trunk, norm, b['image'], b['label'], b['valid'])
+    for n, c in out.items():
+      correct[n] += np.asarray(c)
+    n_test += int(count)
+  return correct, n_test
+
+
+def summarise(plan: ProbePlan, correct: dict, n_test: int, losses: dict) -> dict:
+  """`linear_eval`'s result from the hit counts and the last training losses."""
+  result = {'heads': {}}
+  for name, t in plan.head_types.items():
+    top1, top5 = (correct[name] / max(n_test, 1)).tolist()
+    result['heads'][name] = {
+      'top1': top1,
+      'top5': top5,
+      'feature_type': t,
+      'lr': plan.base_lrs[name],
+      'final_loss': float(losses[name]) if losses else float('nan'),
+    }
+  for t in plan.feature_types:
+    best = max((h for h in result['heads'].values() if h['feature_type'] == t), key=_top1)
+    result[t] = {'top1': best['top1'], 'top5': best['top5'], 'lr': best['lr']}
+  result.update(
+    steps=plan.total_steps,
+    num_train=plan.num_train,
+    num_test=n_test,
+    num_classes=plan.num_classes,
+  )
+  return result
 
 
 def linear_eval(
   config,
   encoder,
   params,
-  train_spec: eval_input.EvalData,
-  test_spec: eval_input.EvalData,
+  train_spec: labelled.EvalData,
+  test_spec: labelled.EvalData,
   feature_types: Sequence[str] | None = None,
   mesh: jax.sharding.Mesh | None = None,
 ) -> dict:
@@ -216,104 +361,26 @@ def linear_eval(
     e.feature_types if feature_types is None else feature_types, encoder.depth
   )
   mesh = features.data_mesh() if mesh is None else mesh
-  batch = features.padded_batch_size(e.linear_batch_size, mesh)
-  n_train = eval_input.num_examples(train_spec)
-  steps_per_epoch = n_train // batch
-  if steps_per_epoch < 1:
-    raise ValueError(f'{n_train} train examples do not fill one batch of {batch}.')
-  total = int(e.linear_epochs * steps_per_epoch)
-  num_classes = eval_input.num_classes(train_spec)
-  if eval_input.num_classes(test_spec) != num_classes:
-    raise ValueError(
-      f'train split has {num_classes} classes, test split {eval_input.num_classes(test_spec)}.'
-    )
-
-  head_types = {head_name(t, lr): t for t in feature_types for lr in e.linear_lrs}
-  base_lrs = {head_name(t, lr): float(lr) for t in feature_types for lr in e.linear_lrs}
-  peak = {name: lr * batch / 256 for name, lr in base_lrs.items()}
-  tx = make_optimizer(
-    peak,
-    total,
-    int(e.linear_warmup_epochs * steps_per_epoch),
-    e.linear_optimizer,
-    e.linear_momentum,
-    e.linear_weight_decay,
-  )
-  dims = {n: features.feature_dim(t, encoder.width) for n, t in head_types.items()}
+  plan = make_plan(e, train_spec, test_spec, feature_types, mesh)
   replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P('data'))
-  heads = jax.device_put(init_heads(jax.random.key(config.seed), dims, num_classes), replicated)
-  opt_state = jax.jit(tx.init, out_shardings=replicated)(heads)
   params = nn.meta.unbox(params)
   trunk = jax.device_put(params, replicated)
-  to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)  # noqa: E731
-  eval_batch = features.padded_batch_size(e.batch_size, mesh)
   stats = None
   if e.linear_standardize_examples:
     stats = feature_stats(
-      encoder, params, train_spec, e.linear_standardize_examples, eval_batch, feature_types, mesh
+      encoder,
+      params,
+      train_spec,
+      e.linear_standardize_examples,
+      plan.eval_batch,
+      feature_types,
+      mesh,
     )
   type_dims = {t: features.feature_dim(t, encoder.width) for t in feature_types}
   norm = jax.device_put(feature_norm(stats, type_dims), replicated)
-
-  train_step = jax.jit(
-    make_train_step(encoder, tx, head_types),
-    in_shardings=(replicated,) * 4 + (batch_sharding,) * 2,
-    out_shardings=(replicated, replicated, replicated),
-    donate_argnums=(0, 1),
-  )
-  logging.info(
-    'linear probe: %d heads, %d steps (%d epochs x %d), batch %d',
-    len(head_types),
-    total,
-    e.linear_epochs,
-    steps_per_epoch,
-    batch,
-  )
-  stream = eval_input.train_batches(
-    train_spec, batch, tuple(e.linear_crop_scale), e.linear_flip, config.seed
-  )
-  t0, losses = time.perf_counter(), {}
-  for step in range(total):
-    b = next(stream)
-    heads, opt_state, losses = train_step(
-      heads, opt_state, trunk, norm, to_global(b['image']), to_global(b['label'])
-    )
-    if (step + 1) % e.log_every_steps == 0 or step + 1 == total:
-      shown = ', '.join(f'{n} {float(v):.4f}' for n, v in sorted(losses.items()))
-      rate = (step + 1) * batch / (time.perf_counter() - t0)
-      logging.info('linear probe step %d/%d: loss %s (%.0f img/s)', step + 1, total, shown, rate)
-
-  eval_step = jax.jit(
-    make_eval_step(encoder, head_types),
-    in_shardings=(replicated,) * 3 + (batch_sharding,) * 3,
-    out_shardings=replicated,
-  )
-  correct = {n: np.zeros(2, np.int64) for n in head_types}
-  n_test = 0
-  for b in eval_input.eval_batches(test_spec, eval_batch):
-    out, count = eval_step(
-      heads, trunk, norm, to_global(b['image']), to_global(b['label']), to_global(b['valid'])
-    )
-    for n, c in out.items():
-      correct[n] += np.asarray(c)
-    n_test += int(count)
-
-  result = {'heads': {}}
-  for name, t in head_types.items():
-    top1, top5 = (correct[name] / max(n_test, 1)).tolist()
-    result['heads'][name] = {
-      'top1': top1,
-      'top5': top5,
-      'feature_type': t,
-      'lr': base_lrs[name],
-      'final_loss': float(losses[name]) if losses else float('nan'),
-    }
-  for t in feature_types:
-    best = max((h for h in result['heads'].values() if h['feature_type'] == t), key=_top1)
-    result[t] = {'top1': best['top1'], 'top5': best['top5'], 'lr': best['lr']}
-  result.update(steps=total, num_train=n_train, num_test=n_test, num_classes=num_classes)
-  return result
+  heads, losses = train_heads(config, encoder, trunk, norm, plan, train_spec, mesh)
+  correct, n_test = score_heads(encoder, heads, trunk, norm, plan, test_spec, mesh)
+  return summarise(plan, correct, n_test, losses)
 
 
 def _top1(head: dict) -> float:

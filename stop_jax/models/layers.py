@@ -27,10 +27,9 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   """nn.Dense's contraction ([..., D_in] x [D_in, D_out]); on XLA:CPU over a [M, D_in] view.
 
   On [B, N, D_in] inputs the kernel's gradient contracts two axes, batch and tokens, and
-  XLA:CPU copies the [B, N, D_out] cotangent into a transposed layout before each such dot
-  (34 MB per predictor fc1 in the ViT-Ti/16 step, at ~5 GB/s). On the flat view it is one
-  contraction that oneDNN takes as it is: that step ran 5-12% faster (bench/README). GPU and
-  TPU keep the N-d dot: the reshape was not measured there.
+  XLA:CPU copies the [B, N, D_out] cotangent into a transposed layout before each such dot. On
+  the flat view it is one contraction that oneDNN takes as it is, and the CPU step is faster
+  (bench/NOTES.md). GPU and TPU keep the N-d dot: the reshape was not measured there.
   """
   kw = dict(precision=precision, preferred_element_type=preferred_element_type)
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
@@ -135,7 +134,7 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
 def _gelu_erf(x):
   # PyTorch's nn.GELU() formula (the official ViTs). jax.nn.gelu(approximate=False) is the same
   # function written with erfc: more accurate far in the negative tail (|error| there is ~1e-6
-  # either way) but its backward costs more: the CPU step was ~9% slower with it (bench/README).
+  # either way) but its backward costs more: the CPU step was slower with it (bench/NOTES.md).
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2.0), x.dtype)))
 
 
@@ -167,7 +166,7 @@ class Attention(nn.Module):
     hd = d // self.num_heads
     qkv = dense(3 * d, ('embed', 'heads'), self.dtype, 'qkv')(x)  # [B, N, 3D]: q | k | v
     # Split the flat feature axis: in the backward that is one concatenate, where indexing a
-    # [B, N, 3, H, hd] view pads each cotangent to full size (measured: the CPU step ~9% slower).
+    # [B, N, 3, H, hd] view pads each cotangent to full size (measured: a slower CPU step).
     q, k, v = (t.reshape(b, n, self.num_heads, hd) for t in jnp.split(qkv, 3, axis=-1))
     if self.impl != 'einsum':
       lengths = None if key_mask is None else jnp.sum(key_mask, axis=-1, dtype=jnp.int32)

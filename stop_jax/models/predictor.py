@@ -1,9 +1,10 @@
 """The I-JEPA predictor with stochastic positional embeddings (StoP).
 
-The StoP lines are in `Predictor.__call__` under "StoP". The tied matrix A is the predictor's
-input Dense `predictor_embed` (d_e -> d_p, with bias b): it projects the context tokens and the
-Gaussian noise of the masked tokens, so it cannot shrink to kill the noise without also killing
-the context (paper Sec. 3, Eq. 6):
+`Predictor.__call__` runs three steps: positions, StoP tokens, the transformer. The StoP block
+(marked "StoP") is `_stop_tokens` and `_masked_tokens`. The tied matrix A is the predictor's input
+Dense `predictor_embed` (d_e -> d_p, with bias b): it projects the context tokens and the Gaussian
+noise of the masked tokens, so it cannot shrink to kill the noise without also killing the
+context (paper Sec. 3, Eq. 6):
 
     c_i = A s_i + b + psi_i                   (context)
     m_j = A n_j + b + psi_j,  n_j ~ N(0, sigma^2 I_{d_e})   (masked, mode='masked')
@@ -70,10 +71,13 @@ class Predictor(nn.Module):
     Returns:
       [n, B, Kt, d_e] predictions of the target features.
     """
-    n, b, kt = tgt_idx.shape
-    kc = ctx.shape[1]
-    mode = self.stop_mode
-    noisy = not deterministic and self.sigma > 0 and mode != 'off'
+    noisy = not deterministic and self.sigma > 0 and self.stop_mode != 'off'
+    psi_ctx, psi_tgt = self._positions(ctx_idx, tgt_idx)
+    c, m = self._stop_tokens(ctx, psi_ctx, psi_tgt, noisy)
+    return self._predict(c, m, ctx_valid, tgt_valid)
+
+  def _positions(self, ctx_idx, tgt_idx):
+    """psi at the context and the target indices: [B, Kc, d_p] and [n, B, Kt, d_p]."""
     h, w = self.grid
     if self.pos_embed == 'learned':
       pos = self.param('predictor_pos_embed', init((None, 'embed')), (h * w, self.width))
@@ -81,36 +85,24 @@ class Predictor(nn.Module):
       pos = jnp.asarray(sincos_2d(h, w, self.width))  # [N, d_p], fixed
     psi_ctx = jnp.take(pos, ctx_idx, axis=0).astype(self.dtype)  # [B, Kc, d_p]
     psi_tgt = jnp.take(pos, tgt_idx, axis=0).astype(self.dtype)  # [n, B, Kt, d_p]
+    return psi_ctx, psi_tgt
 
-    # ---- StoP -------------------------------------------------------------------------------
+  # ---- StoP ------------------------------------------------------------------------------------
+
+  def _stop_tokens(self, ctx, psi_ctx, psi_tgt, noisy: bool):
+    """StoP: the context tokens c [B, Kc, d_p] and masked tokens m [n, B, Kt, d_p].
+
+    The tied A (with its bias b) projects the context features and, in modes masked and both,
+    the masked tokens' noise. Noise is drawn from the 'stop' stream only when `noisy`.
+    """
     embed_a = dense(self.width, (None, 'embed'), self.dtype, 'predictor_embed')
-    if noisy and mode in NOISE_ON_CONTEXT:
+    if noisy and self.stop_mode in NOISE_ON_CONTEXT:
       ctx_noise = self.sigma * jax.random.normal(self.make_rng('stop'), ctx.shape, ctx.dtype)
       ctx_noise = constrain(ctx_noise, ACT_TOKENS)  # drawn shard by shard, not replicated
       self.sow('intermediates', 'ctx_noise', ctx_noise)
       ctx = ctx + ctx_noise
     c = embed_a(ctx) + psi_ctx  # [B, Kc, d_p]  c_i = A s_i + b + psi_i
-
-    if mode in ('masked', 'both'):
-      noise = self._noise((n, b, kt, self.encoder_width), noisy)  # n_j, [n, B, Kt, d_e]
-      m = embed_a(noise) + psi_tgt  # m_j = A n_j + b + psi_j
-      a_noise = m - psi_tgt - nn.unbox(embed_a.variables['params']['bias'])  # A n_j, for the stats
-    else:
-      mask_token = self.param(
-        'mask_token', init((None, None, None, 'embed')), (1, 1, 1, self.width)
-      )  # m~
-      m = psi_tgt + mask_token.astype(self.dtype)
-      if mode == 'untied':
-        noise = self._noise((n, b, kt, self.encoder_width), noisy)
-        # A' n_j with A' not tied to the context projection.
-        a_noise = dense(self.width, (None, 'embed'), self.dtype, 'noise_proj', use_bias=False)(
-          noise
-        )
-      elif mode == 'fixed_cov':
-        a_noise = self._noise((n, b, kt, self.width), noisy)  # e_j at d_p, covariance sigma^2 I
-      else:
-        a_noise = jnp.zeros_like(m)
-      m = m + a_noise
+    m, a_noise = self._masked_tokens(embed_a, psi_tgt, noisy)
     # Noise-to-position ratio ||A n|| / ||psi|| (RMS over tokens), a StoP health metric.
     self.sow(
       'stats',
@@ -119,20 +111,44 @@ class Predictor(nn.Module):
       init_fn=lambda: jnp.zeros(()),
       reduce_fn=lambda _, new: new,
     )
-    # ---------------------------------------------------------------------------------------
+    return c, m
 
-    # One independent sequence [context, one target block] per (example, target block),
-    # example-major: merging [B, n] keeps a batch-sharded B as the leading, sharded factor
-    # (target-major [n, B] would force XLA to replicate the merged axis across devices).
-    c = jnp.broadcast_to(c[:, None], (b, n, kc, self.width)).reshape(b * n, kc, self.width)
-    m = jnp.swapaxes(m, 0, 1).reshape(b * n, kt, self.width)
-    x = constrain(jnp.concatenate([c, m], axis=1), ACT_TOKENS)  # [B*n, Kc+Kt, d_p]
-    key_mask = None
-    if ctx_valid is not None or tgt_valid is not None:
-      cv = jnp.ones((b, kc), bool) if ctx_valid is None else ctx_valid
-      tv = jnp.ones((n, b, kt), bool) if tgt_valid is None else tgt_valid
-      cv = jnp.broadcast_to(cv[:, None], (b, n, kc)).reshape(b * n, kc)
-      key_mask = jnp.concatenate([cv, jnp.swapaxes(tv, 0, 1).reshape(b * n, kt)], axis=1)
+  def _masked_tokens(self, embed_a, psi_tgt, noisy: bool):
+    """StoP: m [n, B, Kt, d_p] for stop_mode, and its noise term (A n_j, A' n_j or e_j)."""
+    n, b, kt, _ = psi_tgt.shape
+    mode = self.stop_mode
+    if mode in ('masked', 'both'):
+      noise = self._noise((n, b, kt, self.encoder_width), noisy)  # n_j, [n, B, Kt, d_e]
+      m = embed_a(noise) + psi_tgt  # m_j = A n_j + b + psi_j
+      a_noise = m - psi_tgt - nn.unbox(embed_a.variables['params']['bias'])  # A n_j, for the stats
+      return m, a_noise
+    mask_token = self.param(
+      'mask_token', init((None, None, None, 'embed')), (1, 1, 1, self.width)
+    )  # m~
+    m = psi_tgt + mask_token.astype(self.dtype)
+    if mode == 'untied':
+      noise = self._noise((n, b, kt, self.encoder_width), noisy)
+      # A' n_j with A' not tied to the context projection.
+      a_noise = dense(self.width, (None, 'embed'), self.dtype, 'noise_proj', use_bias=False)(noise)
+    elif mode == 'fixed_cov':
+      a_noise = self._noise((n, b, kt, self.width), noisy)  # e_j at d_p, covariance sigma^2 I
+    else:
+      a_noise = jnp.zeros_like(m)
+    return m + a_noise, a_noise
+
+  # ---------------------------------------------------------------------------------------------
+
+  def _predict(self, c, m, ctx_valid, tgt_valid):
+    """The transformer over each [context, target block] sequence: [n, B, Kt, d_e] predictions.
+
+    Args:
+      c: [B, Kc, d_p] context tokens.
+      m: [n, B, Kt, d_p] masked tokens of each target block.
+      ctx_valid, tgt_valid: optional bool [B, Kc], [n, B, Kt]; False = padding.
+    """
+    b, kc, _ = c.shape
+    n, _, kt, _ = m.shape
+    x, key_mask = _pack(c, m, ctx_valid, tgt_valid)  # [B*n, Kc+Kt, d_p], bool or None
     order = None
     if self.attention == 'cudnn' and key_mask is not None:
       # The fused kernel masks by lengths: move each row's valid tokens to the front. Blocks
@@ -153,7 +169,7 @@ class Predictor(nn.Module):
     )(x, key_mask)
     if order is not None:
       x = jnp.take_along_axis(x, jnp.argsort(order, axis=-1)[..., None], axis=1)
-    x = layer_norm(self.dtype, 'predictor_norm')(x[:, kc:])
+    x = layer_norm(self.dtype, 'predictor_norm')(x[:, kc:])  # the target positions
     x = dense(self.encoder_width, ('embed', None), self.dtype, 'predictor_proj')(x)
     return jnp.swapaxes(x.reshape(b, n, kt, self.encoder_width), 0, 1)  # [n, B, Kt, d_e]
 
@@ -163,7 +179,7 @@ class Predictor(nn.Module):
       return jnp.zeros(shape, self.dtype)
     noise = (self.sigma * jax.random.normal(self.make_rng('stop'), shape)).astype(self.dtype)
     # Each device draws only its examples' noise; with JAX's partitionable threefry the values
-    # do not depend on the mesh (tests/test_sharding.py).
+    # do not depend on the mesh (tests/runtime/test_sharding.py).
     noise = constrain(noise, (None, *ACT_TOKENS))
     # Kept only when the caller asks for mutable=['intermediates'] (parity tests, notebooks).
     self.sow('intermediates', 'noise', noise)
@@ -172,3 +188,29 @@ class Predictor(nn.Module):
 
 def _rms(x):
   return jnp.sqrt(jnp.mean(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1)))
+
+
+def _pack(c, m, ctx_valid, tgt_valid):
+  """One independent sequence [context, one target block] per (example, target block).
+
+  Example-major: merging [B, n] keeps a batch-sharded B as the leading, sharded factor
+  (target-major [n, B] would force XLA to replicate the merged axis across devices).
+
+  Args:
+    c: [B, Kc, d_p] context tokens, repeated for each target block.
+    m: [n, B, Kt, d_p] masked tokens.
+    ctx_valid, tgt_valid: optional bool [B, Kc], [n, B, Kt]; False = padding.
+  Returns:
+    x [B*n, Kc+Kt, d_p] and the key mask bool [B*n, Kc+Kt] (None when both masks are None).
+  """
+  b, kc, d = c.shape
+  n, _, kt, _ = m.shape
+  c = jnp.broadcast_to(c[:, None], (b, n, kc, d)).reshape(b * n, kc, d)
+  m = jnp.swapaxes(m, 0, 1).reshape(b * n, kt, d)
+  x = constrain(jnp.concatenate([c, m], axis=1), ACT_TOKENS)
+  if ctx_valid is None and tgt_valid is None:
+    return x, None
+  cv = jnp.ones((b, kc), bool) if ctx_valid is None else ctx_valid
+  tv = jnp.ones((n, b, kt), bool) if tgt_valid is None else tgt_valid
+  cv = jnp.broadcast_to(cv[:, None], (b, n, kc)).reshape(b * n, kc)
+  return x, jnp.concatenate([cv, jnp.swapaxes(tv, 0, 1).reshape(b * n, kt)], axis=1)

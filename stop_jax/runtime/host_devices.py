@@ -62,11 +62,10 @@ def _has_accelerator() -> bool:
 def restart_with_hugepage_malloc() -> None:
   """Re-executes this process once with `_MALLOC_TUNABLES` in GLIBC_TUNABLES, if that helps.
 
-  Why: XLA:CPU mallocs each step's temporaries afresh (1.4-1.6 GB for the ViT-Ti/16 reference
-  step) and glibc hands such memory back to the kernel when it is freed, so every step faulted
-  it in again: measured 400k page faults and ~0.8 s of system time per 3-4 s step with glibc's
-  defaults, 3-15k faults and 0.5-1.6 s with huge pages alone, none and ~0 s with all four
-  settings (bench/README.md). The cost: freed memory stays with the process (RSS = peak), and
+  Why: XLA:CPU mallocs each step's temporaries afresh and glibc hands such memory back to the
+  kernel when it is freed, so every step faulted it in again, a page at a time; with huge pages
+  and a kept heap the faults and most of the system time go away (measured: bench/NOTES.md,
+  2026-12-01). The cost: freed memory stays with the process (RSS = peak), and
   all threads share one malloc arena. glibc reads tunables only at start-up, hence the restart
   (same PID, argv and environment otherwise). Call it first thing in a `__main__`, before
   anything heavy is imported. A no-op off Linux/glibc, when transparent huge pages are off, on

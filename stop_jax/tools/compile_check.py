@@ -32,7 +32,8 @@ from ml_collections import config_flags  # noqa: E402
 from stop_jax import config as config_lib  # noqa: E402
 from stop_jax.data import masking  # noqa: E402
 from stop_jax.runtime import sharding  # noqa: E402
-from stop_jax.train import loop as trainer  # noqa: E402
+from stop_jax.train import setup  # noqa: E402
+from stop_jax.train.schedules import Schedules  # noqa: E402
 
 # Memory per accelerator (GiB) of common targets; --device_memory_gib overrides.
 DEVICE_MEMORY_GIB = {
@@ -65,10 +66,12 @@ def check(config, num_devices: int | None = None, device_memory_gib: float | Non
   mask_spec = masking.spec_from_config(config)
   mesh = sharding.make_mesh(config, devices)
   t0 = time.perf_counter()
-  setup = trainer.make_sharded_step(config, mesh, steps_per_epoch=1000)
-  compiled = setup.compile(config, mask_spec)
+  # The schedules' constants do not change the compiled program's shapes: any epoch length does.
+  schedules = Schedules.from_config(config, steps_per_epoch=1000)
+  sharded = setup.make_sharded_step(config, mesh, schedules)
+  compiled = sharded.compile(config, mask_spec)
   seconds = time.perf_counter() - t0
-  info = trainer.describe_memory(setup, compiled)
+  info = setup.describe_memory(sharded, compiled)
   info['compile_seconds'] = seconds
   info['global_batch_size'] = config.data.global_batch_size
   info['num_devices'] = len(devices)

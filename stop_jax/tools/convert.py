@@ -11,136 +11,45 @@ depth, stop.mode); every key and shape is checked and a mismatch is an error tha
 mismatched keys. The one thing a checkpoint cannot tell us is the head count (qkv has the same
 shape for any head count): it comes from the config, as in the official code.
 
-DIR receives `config.json` (the resolved config), `conversion.json` (source file, parts) and an
-orbax checkpoint laid out as a training run's (`checkpoints/0` with `params` = {'encoder',
-'predictor'} and `target_params`), so `load_converted(DIR)` and
-`checkpointing.load_checkpoint(DIR)` both read it. There is no optimiser state: the result is for
-evaluation and inspection, not for resuming training.
+DIR is laid out as `stop_jax.eval.converted` describes (config.json, conversion.json and a
+training run's checkpoint layout without optimiser state): evaluation reads it from there.
 
 torch is imported only to read the `.pth` file (`pip install 'stop_jax[torch]'`); the conversion
-itself, `convert_state_dicts`, is pure numpy.
+itself, `convert_state_dicts`, is pure numpy, and which official key and shape each of our params
+has is `stop_jax.tools.official_layout`.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import json
 import logging as py_logging
 import math
 import os
 import pickle
-import re
 import sys
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import traverse_util
 from ml_collections import config_flags
 
 from stop_jax import config as config_lib
-from stop_jax import models
+from stop_jax.eval import converted
 from stop_jax.models.layers import sincos_2d
-from stop_jax.runtime import checkpointing
+from stop_jax.tools import official_layout
 
 PARTS = ('encoder', 'predictor', 'target_encoder')
 DDP_PREFIX = 'module.'
 # The official sin-cos buffers and our table are both float64 math rounded to float32.
 POS_TOLERANCE = 1e-5
 
-# Our module names whose official counterpart is named differently.
-_MODULE_NAMES = {'patch_embed': 'patch_embed.proj', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2'}
-_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
-_BLOCK_KEY = re.compile(r'^(\w*blocks)\.(\d+)\.(.+)$')
-
-
-# Marks a directory written by this module (beside config.json and checkpoints/0).
-CONVERSION_FILE = 'conversion.json'
-
 
 class ConversionError(ValueError):
   """A checkpoint that does not fit the config, or a file that is not an official checkpoint."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-  """One of our params and the official tensor(s) it comes from."""
-
-  path: tuple[str, ...]  # our param path
-  torch_keys: tuple[str, ...]  # one per block for scan-stacked params, else one
-  torch_shape: tuple[int, ...]  # the shape of each official tensor
-  stacked: bool  # our param has a leading depth axis (nn.scan)
-
-
-def _to_ours(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
-  """One official tensor in our layout."""
-  if path[-1] == 'kernel' and w.ndim == 4:
-    return w.transpose(2, 3, 1, 0)  # Conv2d [D, C, p, p] -> nn.Conv [p, p, C, D]
-  if path[-1] == 'kernel':
-    return w.T  # Linear [out, in] -> Dense [in, out]
-  if path[-1] == 'mask_token':
-    return w.reshape(1, 1, 1, -1)  # [1, 1, d_p] -> [1, 1, 1, d_p] (broadcast over n, B, Kt)
-  if path[-1] == 'predictor_pos_embed':
-    return w.reshape(w.shape[-2:])  # [1, N, d_p] -> [N, d_p]
-  return w
-
-
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Inverse of `_to_ours` on shapes: the official shape of one of our (per-block) params."""
-  if path[-1] == 'kernel' and len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if path[-1] == 'kernel':
-    return tuple(reversed(shape))
-  if path[-1] == 'mask_token':
-    return (1, 1, shape[-1])
-  if path[-1] == 'predictor_pos_embed':
-    return (1, *shape)
-  return tuple(shape)
-
-
-def _plan(abstract: Mapping) -> list[_Leaf]:
-  """The official key(s) and shape of every leaf of one of our (unboxed) param trees."""
-  leaves = []
-  for path, x in traverse_util.flatten_dict(abstract).items():
-    *mods, leaf = path
-    names, stacked = [], False
-    for m in mods:
-      if m == 'layers':  # nn.scan stack: one official block per index of the leading axis
-        stacked = True
-        names.append('{i}')
-      elif m.startswith('layers_'):  # unrolled BlockStack
-        names.append(m[len('layers_') :])
-      else:
-        names.append(_MODULE_NAMES.get(m, m))
-    key = '.'.join([*names, _LEAF_NAMES.get(leaf, leaf)] if mods else [leaf])
-    shape = tuple(x.shape[1:] if stacked else x.shape)
-    keys = tuple(key.format(i=i) for i in range(x.shape[0])) if stacked else (key,)
-    leaves.append(_Leaf(path, keys, _torch_shape(path, shape), stacked))
-  return leaves
-
-
-def _abstract_params(part: str, config: ml_collections.ConfigDict) -> dict:
-  """Shapes of our params for `part`, without allocating them."""
-  if part == 'predictor':
-    module = models.build_predictor(config)
-    width = config_lib.vit_shape(config.model)[0]
-    args = (jnp.zeros((1, 1, width)), jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1, 1), jnp.int32))
-    rngs = {'params': jax.random.key(0), 'stop': jax.random.key(1)}
-  else:
-    module = models.build_encoder(config)
-    size = config.model.image_size
-    args = (jnp.zeros((1, size, size, 3)),)
-    rngs = jax.random.key(0)
-  variables = jax.eval_shape(lambda: module.init(rngs, *args))
-  return nn.meta.unbox(variables['params'])
 
 
 def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,7 +84,7 @@ def _summarise(items: list[tuple[str, str]]) -> list[str]:
   groups: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
   lines = []
   for key, detail in sorted(items):
-    m = _BLOCK_KEY.match(key)
+    m = official_layout.BLOCK_KEY.match(key)
     if m:
       groups[(f'{m[1]}.{{}}.{m[3]}', detail)].append(int(m[2]))
     else:
@@ -184,35 +93,29 @@ def _summarise(items: list[tuple[str, str]]) -> list[str]:
   return sorted(lines)
 
 
-def describe_state_dict(part: str, sd: Mapping[str, np.ndarray]) -> str:
-  """What a checkpoint part looks like, read off its shapes (for mismatch messages)."""
-  depth = 1 + max((int(m[2]) for k in sd if (m := _BLOCK_KEY.match(k))), default=-1)
-  if part == 'predictor':
-    if 'predictor_embed.weight' not in sd:
-      return 'no predictor_embed.weight'
-    d_p, d_e = sd['predictor_embed.weight'].shape
-    return f'predictor width {d_p}, depth {depth}, encoder width {d_e}'
-  if 'patch_embed.proj.weight' not in sd:
-    return 'no patch_embed.proj.weight'
-  width, _, patch, _ = sd['patch_embed.proj.weight'].shape
-  mlp = sd['blocks.0.mlp.fc1.weight'].shape[0] if 'blocks.0.mlp.fc1.weight' in sd else -1
-  variant = [n for n, (w, d, _, _) in config_lib.VIT_VARIANTS.items() if (w, d) == (width, depth)]
-  known = f' (variant {variant[0]!r})' if variant else ''
-  return f'width {width}, depth {depth}, patch {patch}, mlp {mlp}{known}'
-
-
-def _describe_config(part: str, config: ml_collections.ConfigDict) -> str:
-  width, depth, _, ratio = config_lib.vit_shape(config.model)
-  if part == 'predictor':
-    p = config.predictor
-    return (
-      f'predictor width {p.width}, depth {p.depth}, encoder width {width},'
-      f' stop.mode={config.stop.mode!r}'
-    )
-  return (
-    f'width {width}, depth {depth}, patch {config.model.patch_size}, mlp {int(width * ratio)}'
-    f' (model.variant={config.model.variant!r})'
-  )
+def _mismatch_error(
+  part: str,
+  sd: Mapping[str, np.ndarray],
+  config: ml_collections.ConfigDict,
+  missing: list[tuple[str, str]],
+  unknown: list[tuple[str, str]],
+  problems: list[tuple[str, str]],
+) -> ConversionError:
+  """Every (key, detail) that does not fit, folded per block, and what each side describes."""
+  lines = [f'{part}: the checkpoint does not match the config.']
+  for title, items in (
+    ('in the config, missing from the checkpoint', missing),
+    ('in the checkpoint, not in the config', unknown),
+    ('mismatched', problems),
+  ):
+    if items:
+      lines.append(f'  {title}:')
+      lines += [f'    {x}' for x in _summarise(items)]
+  lines.append(f'  checkpoint: {official_layout.describe_state_dict(part, sd)}')
+  lines.append(f'  config:     {official_layout.describe_config(part, config)}')
+  if any('noise_proj' in k for k, _ in missing):
+    lines.append("  stop.mode='untied' has a second projection A' that no official code has.")
+  return ConversionError('\n'.join(lines))
 
 
 def _check_pos_embed(
@@ -241,28 +144,11 @@ def _check_pos_embed(
     )
 
 
-def official_shapes(part: str, config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-  """Every key and shape an official state dict of `part` has for this config.
-
-  The fixed sin-cos buffers (`pos_embed`, and `predictor_pos_embed` unless learned) are included;
-  a StoP checkpoint's unused `mask_token` is not, in the modes that drop it.
-  """
-  shapes = {
-    k: leaf.torch_shape for leaf in _plan(_abstract_params(part, config)) for k in leaf.torch_keys
-  }
-  n = (config.model.image_size // config.model.patch_size) ** 2
-  if part != 'predictor':
-    shapes['pos_embed'] = (1, n, config_lib.vit_shape(config.model)[0])
-  elif 'predictor_pos_embed' not in shapes:
-    shapes['predictor_pos_embed'] = (1, n, config.predictor.width)
-  return shapes
-
-
 def _convert_part(
   part: str, sd: Mapping[str, np.ndarray], config: ml_collections.ConfigDict
 ) -> tuple[dict, list[str]]:
   """One official state dict (prefix already stripped) -> (our param tree, notes to log)."""
-  leaves = _plan(_abstract_params(part, config))
+  leaves = official_layout.plan(part, config)
   expected = {k: leaf.torch_shape for leaf in leaves for k in leaf.torch_keys}
   grid = config.model.image_size // config.model.patch_size
   problems: list[tuple[str, str]] = []
@@ -299,24 +185,13 @@ def _convert_part(
     if k in sd and tuple(np.shape(sd[k])) != s
   ]
   if missing or unknown or problems:
-    lines = [f'{part}: the checkpoint does not match the config.']
-    for title, items in (
-      ('in the config, missing from the checkpoint', missing),
-      ('in the checkpoint, not in the config', unknown),
-      ('mismatched', problems),
-    ):
-      if items:
-        lines.append(f'  {title}:')
-        lines += [f'    {x}' for x in _summarise(items)]
-    lines.append(f'  checkpoint: {describe_state_dict(part, sd)}')
-    lines.append(f'  config:     {_describe_config(part, config)}')
-    if any('noise_proj' in k for k, _ in missing):
-      lines.append("  stop.mode='untied' has a second projection A' that no official code has.")
-    raise ConversionError('\n'.join(lines))
+    raise _mismatch_error(part, sd, config, missing, unknown, problems)
 
   flat = {}
   for leaf in leaves:
-    ws = [_to_ours(leaf.path, np.asarray(sd[k], np.float32)) for k in leaf.torch_keys]
+    ws = [
+      official_layout.to_ours(leaf.path, np.asarray(sd[k], np.float32)) for k in leaf.torch_keys
+    ]
     flat[leaf.path] = np.stack(ws) if leaf.stacked else ws[0]
   return traverse_util.unflatten_dict(flat), notes
 
@@ -424,58 +299,6 @@ def read_torch_checkpoint(
   return state_dicts, extra
 
 
-def write_converted(output: str, config: ml_collections.ConfigDict, params: dict, info: dict):
-  """Writes DIR/config.json, DIR/conversion.json and DIR/checkpoints/0 (see module docstring)."""
-  for name in ('config.json', 'checkpoints'):
-    if os.path.exists(os.path.join(output, name)):
-      raise FileExistsError(f'--output={output} already holds {name}: choose a new directory.')
-  os.makedirs(output, exist_ok=True)
-  tree: dict[str, Any] = {'step': np.asarray(0, np.int32)}
-  model = {p: params[p] for p in ('encoder', 'predictor') if p in params}
-  if model:
-    tree['params'] = model
-  if 'target_encoder' in params:
-    tree['target_params'] = params['target_encoder']
-  # The layout of a training run's checkpoints (checkpointing.STATE / META items), so every
-  # tool that reads runs reads converted weights too.
-  manager = ocp.CheckpointManager(
-    os.path.abspath(os.path.join(output, 'checkpoints')),
-    item_names=(checkpointing.STATE, checkpointing.META),
-    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
-  )
-  manager.save(
-    0,
-    args=ocp.args.Composite(
-      **{
-        checkpointing.STATE: ocp.args.StandardSave(tree),
-        checkpointing.META: ocp.args.JsonSave({'step': 0, 'converted_from': info}),
-      }
-    ),
-    force=True,
-  )
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(output, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(output, CONVERSION_FILE), 'w') as f:
-    json.dump({**info, 'parts': sorted(params)}, f, indent=2)
-
-
-def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:
-  """Reads what `python -m stop_jax.tools.convert --output=DIR` wrote.
-
-  Returns:
-    (config, params) with params a subset of {'encoder', 'predictor', 'target_encoder'}: host
-    param trees for `apply({'params': tree}, ...)` of the models built from config.
-  """
-  config = config_lib.load_json(directory)
-  _, tree = checkpointing.load_checkpoint(directory)
-  params = dict(tree.get('params', {}))
-  if 'target_params' in tree:
-    params['target_encoder'] = tree['target_params']
-  return config, params
-
-
 def convert_file(
   torch_checkpoint: str,
   config: ml_collections.ConfigDict,
@@ -494,7 +317,7 @@ def convert_file(
   logging.info('converting %s from %s', sorted(state_dicts), torch_checkpoint)
   params = convert_state_dicts(state_dicts, config)
   info = {'source': os.path.abspath(torch_checkpoint), 'checkpoint_values': extra}
-  write_converted(output, config, params, info)
+  converted.write_converted(output, config, params, info)
   logging.info('wrote %s to %s', sorted(params), output)
   return params
 

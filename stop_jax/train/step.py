@@ -1,9 +1,9 @@
 """The training math: state, optimiser, targets, loss and the pure train step.
 
-Everything here is a pure function of its arguments; the loop, I/O and sharding live in
-`trainer.py`. The step is `(state, batch, rng) -> (state, metrics)`: all randomness (the StoP
-noise) comes from `rng` folded with the step, all schedules are functions of `state.step`, so a
-resumed run recomputes exactly what an uninterrupted one would.
+Everything here is a pure function of its arguments; the loop and I/O live in `loop.py`, the
+sharding in `setup.py`. The step is `(state, batch, rng) -> (state, metrics)`: all randomness
+(the StoP noise) comes from `rng` folded with the step, all schedules are functions of
+`state.step`, so a resumed run recomputes exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -192,6 +192,77 @@ def a_penalty(a_kernel, kind: str):
   return jnp.zeros((), jnp.float32)
 
 
+def make_loss_fn(config, encoder, predictor):
+  """Returns `loss_fn(params, batch, targets, stop_rng) -> (total, (loss, predictor stats))`.
+
+  total = the prediction loss on the target blocks + stop.reg_weight x the A penalty (ablation).
+  targets: float32 [n, B, Kt, D] (`gather_targets`); differentiate w.r.t. params only.
+  """
+  loss_kind = config.loss.type
+  reg_kind, reg_weight = config.stop.reg, float(config.stop.reg_weight)
+
+  def loss_fn(params, batch, targets, stop_rng):
+    ctx = encoder.apply(
+      {'params': params['encoder']}, batch['image'], batch['ctx_idx'], batch['ctx_valid']
+    )
+    pred, aux = predictor.apply(
+      {'params': params['predictor']},
+      ctx,
+      batch['ctx_idx'],
+      batch['tgt_idx'],
+      batch['ctx_valid'],
+      batch['tgt_valid'],
+      rngs={'stop': stop_rng},
+      mutable=['stats'],
+    )
+    loss = prediction_loss(pred, targets, batch['tgt_valid'], loss_kind)
+    reg = a_penalty(params['predictor']['predictor_embed']['kernel'], reg_kind)
+    return loss + reg_weight * reg, (loss, aux['stats'])
+
+  return loss_fn
+
+
+def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng):
+  """The optimiser step at the scheduled lr / wd, then the EMA target; both dropped if the
+  total loss or the gradients are not finite. rng: the step's key (as `train_step`'s).
+
+  Returns:
+    (params, target_params, opt_state, metrics: lr, wd, momentum, grad_norm, nonfinite).
+  """
+  step = state.step
+  lr = schedules.learning_rate(step)
+  wd = schedules.weight_decay_at(step)
+  hyper = {**state.opt_state.hyperparams, 'learning_rate': lr, 'weight_decay': wd}
+  opt_state = state.opt_state._replace(hyperparams=hyper)
+  updates, opt_state = tx.update(grads, opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # EMA target after the optimiser step, as the official code: t <- m t + (1 - m) p.
+  momentum = schedules.momentum(step)
+  ema_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 1)  # the 'ema' stream
+  target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
+  grad_norm = optax.tree.norm(grads)
+  # A non-finite loss or gradient never reaches the state: the update is dropped (the step
+  # count still advances) and the host decides whether to stop or go on (config.on_nonfinite).
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  params, target_params, opt_state = jax.tree.map(
+    lambda new, old: jnp.where(finite, new, old),
+    (params, target_params, opt_state),
+    (
+      state.params,
+      state.target_params,
+      opt_state._replace(inner_state=state.opt_state.inner_state),
+    ),
+  )
+  metrics = {
+    'lr': lr,
+    'wd': wd,
+    'momentum': momentum,
+    'grad_norm': grad_norm,
+    'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
+  }
+  return params, target_params, opt_state, metrics
+
+
 def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
   """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`; jit it outside.
 
@@ -199,67 +270,22 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
           'tgt_idx': int [n, B, Kt], 'tgt_valid': bool [n, B, Kt]}.
   """
   num_target_layers = config.loss.num_target_layers
-  loss_kind = config.loss.type
-  reg_kind, reg_weight = config.stop.reg, float(config.stop.reg_weight)
+  loss_fn = make_loss_fn(config, encoder, predictor)
 
   def train_step(state: TrainState, batch, rng):
     step = state.step
     stop_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 0)  # the 'stop' stream
-    images = batch['image']
-    feats = target_features(encoder, state.target_params, images, num_target_layers)
+    feats = target_features(encoder, state.target_params, batch['image'], num_target_layers)
     targets = gather_targets(feats, batch['tgt_idx'])  # [n, B, Kt, D]
-
-    def loss_fn(params):
-      ctx = encoder.apply(
-        {'params': params['encoder']}, images, batch['ctx_idx'], batch['ctx_valid']
-      )
-      pred, aux = predictor.apply(
-        {'params': params['predictor']},
-        ctx,
-        batch['ctx_idx'],
-        batch['tgt_idx'],
-        batch['ctx_valid'],
-        batch['tgt_valid'],
-        rngs={'stop': stop_rng},
-        mutable=['stats'],
-      )
-      loss = prediction_loss(pred, targets, batch['tgt_valid'], loss_kind)
-      reg = a_penalty(params['predictor']['predictor_embed']['kernel'], reg_kind)
-      return loss + reg_weight * reg, (loss, aux['stats'])
-
-    (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    lr = schedules.learning_rate(step)
-    wd = schedules.weight_decay_at(step)
-    hyper = {**state.opt_state.hyperparams, 'learning_rate': lr, 'weight_decay': wd}
-    opt_state = state.opt_state._replace(hyperparams=hyper)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # EMA target after the optimiser step, as the official code: t <- m t + (1 - m) p.
-    momentum = schedules.momentum(step)
-    ema_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 1)  # the 'ema' stream
-    target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
-    grad_norm = optax.tree.norm(grads)
-    # A non-finite loss or gradient never reaches the state: the update is dropped (the step
-    # count still advances) and the host decides whether to stop or go on (config.on_nonfinite).
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    params, target_params, opt_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old),
-      (params, target_params, opt_state),
-      (
-        state.params,
-        state.target_params,
-        opt_state._replace(inner_state=state.opt_state.inner_state),
-      ),
+    (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, batch, targets, stop_rng
     )
+    params, target_params, opt_state, update = apply_update(state, grads, total, tx, schedules, rng)
     embed = params['predictor']['predictor_embed']
     metrics = {
       'loss': loss,
       'total_loss': total,
-      'lr': lr,
-      'wd': wd,
-      'momentum': momentum,
-      'grad_norm': grad_norm,
-      'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
+      **update,
       'A_norm': jnp.linalg.norm(embed['kernel']),
       'A_bias_norm': jnp.linalg.norm(embed['bias']),
       'noise_to_pos': stats['noise_to_pos'],

@@ -124,6 +124,7 @@ def test_bad_mesh_is_named(mesh, match):
     config_lib.validate(c, num_devices=8)
 
 
+@pytest.mark.slow  # a fresh interpreter importing stop_jax.main
 def test_unknown_command_line_key_fails_before_any_work(tmp_path):
   proc = subprocess.run(
     [

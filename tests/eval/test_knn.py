@@ -75,7 +75,8 @@ def test_knn_eval_on_the_tiny_run_data():
   config.eval.knn_max_examples = 300
   encoder = models.build_encoder(config)
   size = config.model.image_size
-  params = nn.meta.unbox(encoder.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params'])
+  variables = jax.jit(encoder.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  params = nn.meta.unbox(variables['params'])
   res = knn.knn_eval(config, encoder, params)
   assert res['knn_num_train'] == 300 and res['knn_num_test'] == 300
   assert res['knn_k'] == config.eval.knn_k

@@ -1,5 +1,6 @@
 """Encoder and predictor: positions, shapes, parameter counts, padding, StoP noise paths."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -65,10 +66,17 @@ def _small_encoder(**kw):
   return VisionTransformer(patch_size=4, width=32, depth=2, num_heads=4, mlp_dim=64, **kw)
 
 
+@functools.cache
+def _small_encoder_variables():
+  """The small scanned encoder's variables, initialised once: they do not depend on the image
+  size (the sin-cos positions are computed per call, not stored)."""
+  return nn.unbox(_small_encoder().init(jax.random.key(1), jnp.zeros((1, 16, 16, 3))))
+
+
 def test_non_square_image_and_keep_idx_shapes():
   enc = _small_encoder()
   images = jax.random.normal(jax.random.key(0), (2, 16, 24, 3))
-  params = nn.unbox(enc.init(jax.random.key(1), images))
+  params = _small_encoder_variables()
   assert enc.apply(params, images).shape == (2, 24, 32)  # 4 x 6 grid
   idx = jnp.array([[0, 5, 23], [1, 2, 3]])
   assert enc.apply(params, images, idx).shape == (2, 3, 32)
@@ -82,7 +90,7 @@ def test_non_square_image_and_keep_idx_shapes():
 def test_padding_is_invisible_to_valid_tokens():
   enc = _small_encoder()
   images = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
-  params = nn.unbox(enc.init(jax.random.key(1), images))
+  params = _small_encoder_variables()
   idx = jnp.array([[0, 3, 7, 9]])
   ref = enc.apply(params, images, idx)
   padded = jnp.array([[0, 3, 7, 9, 0, 0]])  # two padded slots copying a valid index
@@ -94,7 +102,7 @@ def test_padding_is_invisible_to_valid_tokens():
 def test_scan_and_unrolled_blocks_compute_the_same_function():
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   scan, loop = _small_encoder(scan_blocks=True), _small_encoder(scan_blocks=False)
-  p_scan = nn.unbox(scan.init(jax.random.key(1), images)['params'])
+  p_scan = _small_encoder_variables()['params']
   layers = p_scan['blocks']['layers']
   p_loop = dict(p_scan)
   p_loop['blocks'] = {f'layers_{i}': jax.tree.map(lambda x, i=i: x[i], layers) for i in range(2)}
@@ -134,9 +142,12 @@ CTX_IDX = jnp.array([[0, 1, 2, 4, 5], [8, 9, 10, 12, 13]])
 TGT_IDX = jnp.array([[[10, 11], [2, 3]], [[14, 15], [6, 7]]])  # [n=2, B=2, Kt=2]
 
 
-def _init(pred, ctx):
-  variables = pred.init(
-    {'params': jax.random.key(0), 'stop': jax.random.key(1)}, ctx, CTX_IDX, TGT_IDX
+@functools.cache
+def _init(mode='masked', **kw):
+  """The predictor's params, initialised once per mode and fields: they depend on neither sigma
+  (the noise comes from the 'stop' stream) nor the values of the context features."""
+  variables = _predictor(mode, **kw).init(
+    {'params': jax.random.key(0), 'stop': jax.random.key(1)}, CTX, CTX_IDX, TGT_IDX
   )
   return nn.unbox(variables['params'])
 
@@ -149,16 +160,16 @@ CTX = jax.random.normal(jax.random.key(9), (2, 5, 32))
 
 
 def test_a_is_the_predictor_input_dense_in_its_param_tree():
-  params = _init(_predictor(), CTX)
+  params = _init()
   assert params['predictor_embed']['kernel'].shape == (32, 16)  # d_e -> d_p
   assert 'bias' in params['predictor_embed']
   assert 'mask_token' not in params  # the bias of A plays the mask token's role
-  assert 'mask_token' in _init(_predictor('off'), CTX)
+  assert 'mask_token' in _init('off')
 
 
 def test_sigma_zero_is_deterministic_and_sigma_positive_is_key_dependent_and_reproducible():
   p0 = _predictor(sigma=0.0)
-  params = _init(p0, CTX)
+  params = _init()
   np.testing.assert_array_equal(
     _run(p0, params, CTX, jax.random.key(1)), _run(p0, params, CTX, jax.random.key(2))
   )
@@ -171,10 +182,27 @@ def test_sigma_zero_is_deterministic_and_sigma_positive_is_key_dependent_and_rep
   np.testing.assert_allclose(det, _run(p0, params, CTX, jax.random.key(1)), atol=1e-6)
 
 
+def test_predictor_padding_is_invisible_to_valid_tokens():
+  pred = _predictor()
+  params = _init()
+  ref = pred.apply({'params': params}, CTX, CTX_IDX, TGT_IDX, deterministic=True)
+  # Two padded context slots and one padded slot per target block, copying valid indices.
+  ctx = jnp.concatenate([CTX, CTX[:, :2]], axis=1)  # [B, 7, d_e]
+  ctx_idx = jnp.concatenate([CTX_IDX, CTX_IDX[:, :2]], axis=1)
+  ctx_valid = jnp.broadcast_to(jnp.arange(7) < 5, (2, 7))
+  tgt_idx = jnp.concatenate([TGT_IDX, TGT_IDX[..., :1]], axis=-1)  # [n, B, 3]
+  tgt_valid = jnp.broadcast_to(jnp.arange(3) < 2, (2, 2, 3))
+  out = pred.apply(
+    {'params': params}, ctx, ctx_idx, tgt_idx, ctx_valid, tgt_valid, deterministic=True
+  )
+  assert out.shape == (2, 2, 3, 32)
+  np.testing.assert_allclose(out[..., :2, :], ref, atol=1e-5)
+
+
 def _embed_calls(mode, key):
   """The outputs of the two calls of A: (context tokens, masked tokens or None)."""
   pred = _predictor(mode)
-  params = _init(_predictor(mode), CTX)
+  params = _init(mode)
   _, state = _run(pred, params, CTX, key, capture_intermediates=True)
   outs = state['intermediates']['predictor_embed']['__call__']
   return outs[0], (outs[1] if len(outs) > 1 else None)
@@ -201,7 +229,7 @@ def test_gradient_wrt_a_gets_a_contribution_from_the_noise_path():
 
   def grad_a(sigma):
     pred = _predictor(sigma=sigma)
-    params = _init(pred, zeros)
+    params = _init()
     loss = lambda p: jnp.sum(_run(pred, p, zeros, jax.random.key(3)) ** 2)  # noqa: E731
     return jax.grad(loss)(params)['predictor_embed']['kernel']
 
@@ -210,17 +238,17 @@ def test_gradient_wrt_a_gets_a_contribution_from_the_noise_path():
 
 
 def test_untied_and_fixed_cov_modes_have_their_own_noise():
-  params = _init(_predictor('untied'), CTX)
+  params = _init('untied')
   assert params['noise_proj']['kernel'].shape == (32, 16)
   for mode in ('untied', 'fixed_cov'):
     pred = _predictor(mode)
-    params = _init(pred, CTX)
+    params = _init(mode)
     a, b = _run(pred, params, CTX, jax.random.key(1)), _run(pred, params, CTX, jax.random.key(2))
     assert float(jnp.abs(a - b).max()) > 1e-4, mode
 
 
 def test_learned_positions_are_a_parameter():
-  params = _init(_predictor('off', pos_embed='learned'), CTX)
+  params = _init('off', pos_embed='learned')
   assert params['predictor_pos_embed'].shape == (16, 16)
 
 
@@ -228,7 +256,7 @@ def test_noise_to_position_ratio_scales_with_sigma():
   ratios = []
   for sigma in (0.25, 1.0):
     pred = _predictor(sigma=sigma)
-    params = _init(pred, CTX)
+    params = _init()
     _, state = _run(pred, params, CTX, jax.random.key(1), mutable=['stats'])
     ratios.append(float(state['stats']['noise_to_pos']))
   assert ratios[1] == pytest.approx(4 * ratios[0], rel=0.15)
@@ -236,7 +264,7 @@ def test_noise_to_position_ratio_scales_with_sigma():
 
 def test_bf16_compute_keeps_float32_params():
   pred = _predictor(dtype=jnp.bfloat16)
-  params = _init(pred, CTX)
+  params = _init(dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   assert _run(pred, params, CTX, jax.random.key(1)).dtype == jnp.bfloat16
 

@@ -2,7 +2,7 @@
 
 Each module fixture is one short `train_and_evaluate` on the tiny digits config; the tests read
 what it left in its workdir (copies, when a test damages or extends it). The kill -9, SIGTERM
-and 8 -> 4 device scenarios run `python -m stop_jax.main` in tests/test_fault_tolerance.py.
+and 8 -> 4 device scenarios run `python -m stop_jax.main` in tests/train/test_fault_tolerance.py.
 """
 
 import json
@@ -15,9 +15,49 @@ import numpy as np
 import pytest
 
 from stop_jax import config as config_lib
-from stop_jax.data import pipeline as input_pipeline
-from stop_jax.runtime import checkpointing, sharding
-from stop_jax.train import loop as trainer
+from stop_jax.data import train_stream
+from stop_jax.runtime import checkpointing, compiler, sharding
+from stop_jax.train import guard, loop, setup
+from stop_jax.train import plan as plan_lib
+from stop_jax.train import workdir as workdir_lib
+
+# Keys the runs below differ in that never reach the step (run control only).
+RUN_CONTROL = (
+  'total_steps',
+  'log_every_steps',
+  'checkpoint',
+  'eval',
+  'on_nonfinite',
+  'max_consecutive_skips',
+)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def build_and_compile_each_step_once():
+  """The runs here differ in run-control keys only: their sharded steps (with the jitted state
+  init) are built once per model config and mesh, and each step program (keyed by its HLO text
+  and compile options) is compiled once. Compiling is most of a short run's time."""
+  steps, programs = {}, {}
+  make_sharded_step = setup.make_sharded_step
+
+  def build_once(config, mesh, schedules):
+    model = {k: v for k, v in config.to_dict().items() if k not in RUN_CONTROL}
+    key = (repr(sorted(model.items())), tuple(mesh.devices.flat), mesh.axis_names, schedules)
+    if key not in steps:
+      steps[key] = make_sharded_step(config, mesh, schedules)
+    return steps[key]
+
+  def compile_once(sharded, config, mask_spec):
+    lowered = sharded.lower(config, mask_spec)
+    key = (lowered.as_text(), config.xla_cpu_matmul)
+    if key not in programs:
+      programs[key] = compiler.compile_lowered(lowered, config.xla_cpu_matmul)
+    return programs[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(setup, 'make_sharded_step', build_once)
+    mp.setattr(setup.ShardedStep, 'compile', compile_once)
+    yield
 
 
 def _config(steps: int, **checkpoint):
@@ -34,7 +74,7 @@ def _config(steps: int, **checkpoint):
 
 def _nan_iterator(at_steps):
   """create_train_iterator whose batch of each step in `at_steps` (1-based, as logged) has a NaN."""
-  real = input_pipeline.create_train_iterator
+  real = train_stream.create_train_iterator
 
   def create(config, mask_spec, start_step=0, **kwargs):
     batches = real(config, mask_spec, start_step=start_step, **kwargs)
@@ -55,8 +95,8 @@ def _nan_iterator(at_steps):
 def _train(config, workdir, nan_at=()):
   with pytest.MonkeyPatch.context() as mp:
     if nan_at:
-      mp.setattr(input_pipeline, 'create_train_iterator', _nan_iterator(set(nan_at)))
-    return trainer.train_and_evaluate(config, str(workdir))
+      mp.setattr(train_stream, 'create_train_iterator', _nan_iterator(set(nan_at)))
+    return loop.train_and_evaluate(config, str(workdir))
 
 
 def _steps(workdir) -> list[int]:
@@ -81,10 +121,8 @@ def _assert_trees_equal(a, b):
 
 
 def _abstract_state(config):
-  plan = trainer.plan_run(config)
-  return trainer.make_sharded_step(
-    config, sharding.make_mesh(config), plan.steps_per_epoch
-  ).abstract_state
+  plan = plan_lib.plan_run(config)
+  return setup.make_sharded_step(config, sharding.make_mesh(config), plan.schedules).abstract_state
 
 
 # --- non-finite loss or gradients ----------------------------------------------------------------
@@ -94,7 +132,7 @@ def _abstract_state(config):
 def nan_stop(tmp_path_factory):
   """8 steps, saving every 3; a NaN image in the batch of step 5 (not a save step)."""
   workdir = tmp_path_factory.mktemp('nan_stop')
-  with pytest.raises(trainer.NonFiniteError) as info:
+  with pytest.raises(guard.NonFiniteError) as info:
     _train(_config(8, every_steps=3), workdir, nan_at=[5])
   return workdir, str(info.value)
 
@@ -162,7 +200,7 @@ def test_skip_mode_stops_after_max_consecutive_skips(tmp_path):
   config = _config(6, every_steps=2)
   config.on_nonfinite = 'skip'
   config.max_consecutive_skips = 2
-  with pytest.raises(trainer.NonFiniteError, match='2 consecutive skipped steps') as info:
+  with pytest.raises(guard.NonFiniteError, match='2 consecutive skipped steps') as info:
     _train(config, tmp_path, nan_at=[3, 4])
   assert 'at step 4' in str(info.value)
   assert 'the last good checkpoint is step 2' in str(info.value)
@@ -305,7 +343,7 @@ def test_workdir_with_another_config_is_refused_listing_the_changes(two_checkpoi
   config.optim.lr = 2e-3
   config.stop.sigma = 0.5
   with pytest.raises(config_lib.ConfigError) as info:
-    trainer.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   message = str(info.value)
   assert 'optim.lr: 0.001 -> 0.002' in message
   assert 'stop.sigma: 0.25 -> 0.5' in message
@@ -318,7 +356,7 @@ def test_allow_config_change_accepts_it_with_a_warning(two_checkpoints, caplog):
   config.optim.lr = 2e-3
   config.checkpoint.allow_config_change = True
   with caplog.at_level(logging.WARNING):
-    trainer.check_workdir_config(config, str(two_checkpoints))  # does not raise
+    workdir_lib.check_workdir_config(config, str(two_checkpoints))  # does not raise
   assert any('optim.lr: 0.001 -> 0.002' in r.getMessage() for r in caplog.records)
 
 
@@ -326,9 +364,9 @@ def test_run_control_keys_may_change_on_resume(two_checkpoints, tmp_path):
   old = json.load(open(os.path.join(two_checkpoints, 'config.json')))
   new = _config(6, every_steps=3, keep=5)
   new.log_every_steps = 2
-  assert trainer.config_changes(old, json.loads(new.to_json_best_effort())) == []
+  assert workdir_lib.config_changes(old, json.loads(new.to_json_best_effort())) == []
   workdir = _copy(two_checkpoints, tmp_path)
-  summary = trainer.train_and_evaluate(new, str(workdir))
+  summary = loop.train_and_evaluate(new, str(workdir))
   assert summary['steps'] == 6
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     logged = [x['step'] for x in map(json.loads, f) if 'loss' in x]

@@ -83,7 +83,7 @@ def test_hugepage_restart_for_real_runs_the_program_again_once():
   ):
     pytest.skip('needs Linux with transparent huge pages and no GPU/TPU')
   code = (
-    'import os; from stop_jax import host_devices; '
+    'import os; from stop_jax.runtime import host_devices; '
     "print(os.environ.get('GLIBC_TUNABLES', '-'), flush=True); "
     'host_devices.restart_with_hugepage_malloc()'
   )

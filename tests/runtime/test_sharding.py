@@ -23,10 +23,11 @@ WORKER = textwrap.dedent(
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
   import jax, numpy as np
   sys.path.insert(0, 'configs')
-  from stop_jax.data import pipeline as input_pipeline
-  from stop_jax.runtime import sharding
   from stop_jax.data import batch as batch_lib
-  from stop_jax.train import loop as trainer
+  from stop_jax.data import train_stream
+  from stop_jax.runtime import sharding
+  from stop_jax.train import plan as plan_lib
+  from stop_jax.train import setup
   import tiny
 
   def config(mesh):
@@ -48,16 +49,16 @@ WORKER = textwrap.dedent(
   out = {}
   for name, (mesh_cfg, devices) in meshes.items():
     c = config(mesh_cfg)
-    plan = trainer.plan_run(c)
+    plan = plan_lib.plan_run(c)
     mesh = sharding.make_mesh(c, devices)
-    setup = trainer.make_sharded_step(c, mesh, plan.steps_per_epoch)
-    state = setup.create(jax.random.key(0))
-    rng = jax.device_put(jax.random.key(1), setup.replicated)
-    it = input_pipeline.create_train_iterator(c, plan.mask_spec, 0, 0, 1)
-    step = setup.compile(c, plan.mask_spec)
+    sharded = setup.make_sharded_step(c, mesh, plan.schedules)
+    state = sharded.create(jax.random.key(0))
+    rng = jax.device_put(jax.random.key(1), sharded.replicated)
+    it = train_stream.create_train_iterator(c, plan.mask_spec, 0, 0, 1)
+    step = sharded.compile(c, plan.mask_spec)
     losses = []
     for _ in range(3):
-      batch = batch_lib.to_global(next(it), setup.batch_shardings)
+      batch = batch_lib.to_global(next(it), sharded.batch_shardings)
       state, metrics = step(state, batch, rng)
       losses.append(float(metrics['loss']))
     qkv = state.params['encoder']['blocks']['layers']['attn']['qkv']['kernel']
@@ -79,7 +80,7 @@ WORKER = textwrap.dedent(
     # The StoP noise the predictor draws for this batch, inside a jit sharded like the step.
     def noise_of(params, ctx, ctx_idx, tgt_idx, key):
       with sharding.activation_sharding(mesh):
-        _, aux = setup.predictor.apply(
+        _, aux = sharded.predictor.apply(
           {'params': params}, ctx, ctx_idx, tgt_idx, rngs={'stop': key}, mutable=['intermediates']
         )
       return aux['intermediates']['noise'][0]

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from stop_jax import config as config_lib
-from stop_jax import models
 from stop_jax.models.layers import sincos_2d
 from stop_jax.runtime import checkpointing
-from stop_jax.tools import analysis
+from stop_jax.tools.analysis import heatmaps, regularisation, runs, similarity
 from stop_jax.train import step as step_lib
 
 matplotlib.use('Agg')
@@ -27,7 +26,7 @@ def _close_figures():
 
 
 def _tiny(steps=2, **overrides):
-  return analysis.tiny_config(steps, overrides)
+  return runs.tiny_config(steps, overrides)
 
 
 def _write_run(workdir, sigma, rows, mode='masked'):
@@ -41,7 +40,7 @@ def _write_run(workdir, sigma, rows, mode='masked'):
   return str(workdir)
 
 
-# ---- configs and runs ------------------------------------------------------------------------
+# ---- configs and runs (runs.py) -------------------------------------------------------------
 
 
 def test_config_round_trips_through_json_with_tuples_and_lock():
@@ -67,8 +66,8 @@ def test_load_config_and_run_errors_name_the_directory(tmp_path):
     config_lib.load_json(str(tmp_path))
   _write_run(tmp_path, 0.25, [])
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    analysis.load_run(str(tmp_path))
-  assert not analysis.has_checkpoint(str(tmp_path))
+    runs.load_run(str(tmp_path))
+  assert not runs.has_checkpoint(str(tmp_path))
 
 
 def test_tiny_config_applies_overrides_and_rejects_zero_steps():
@@ -76,58 +75,75 @@ def test_tiny_config_applies_overrides_and_rejects_zero_steps():
   assert (config.total_steps, config.stop.sigma, config.eval.probe) == (7, 0.5, False)
   assert config.model.image_size == 32  # really configs/tiny.py
   with pytest.raises(ValueError, match='steps=0'):
-    analysis.tiny_config(0)
+    runs.tiny_config(0)
 
 
-def test_load_run_reads_back_the_saved_params(tmp_path):
-  config = _tiny()
-  encoder, predictor = models.build_encoder(config), models.build_predictor(config)
-  state = step_lib.create_train_state(
-    encoder, predictor, step_lib.make_optimizer(config), config, jax.random.key(0)
+@pytest.fixture(scope='module')
+def run(tiny_run):
+  """conftest's 30-step tiny run, read back (its training makes the tests that use it slow)."""
+  return runs.load_run(tiny_run)
+
+
+@pytest.mark.slow
+def test_load_run_reads_a_trained_run(run, tiny_run):
+  assert run.workdir == tiny_run and run.step == run.config.total_steps and run.grid == (8, 8)
+  assert runs.has_checkpoint(tiny_run)
+  assert not runs.ensure_tiny_run(tiny_run)  # an existing run is kept, not retrained
+
+
+@pytest.mark.slow
+def test_load_run_reads_back_the_saved_params(run, tmp_path):
+  config = run.config
+  tx = step_lib.make_optimizer(config)
+  state = step_lib.TrainState(
+    step=jnp.asarray(3, jnp.int32),
+    params=run.params,
+    target_params=run.target_params,
+    opt_state=tx.init(run.params),
   )
-  state = state.replace(step=jnp.asarray(3, jnp.int32))
   with open(tmp_path / 'config.json', 'w') as f:
     f.write(config.to_json_best_effort())
   ckpt = checkpointing.Checkpointer(str(tmp_path), config)
   ckpt.save(3, state, {})
   ckpt.wait()
   ckpt.close()
-  assert analysis.has_checkpoint(str(tmp_path))
-  assert not analysis.ensure_tiny_run(str(tmp_path))  # an existing run is kept, not retrained
+  assert runs.has_checkpoint(str(tmp_path))
+  assert not runs.ensure_tiny_run(str(tmp_path))  # an existing run is kept, not retrained
 
-  run = analysis.load_run(str(tmp_path))
-  assert run.step == 3 and run.grid == (8, 8)
-  a, b = run.projection()
+  loaded = runs.load_run(str(tmp_path))
+  assert loaded.step == 3 and loaded.grid == (8, 8)
+  a, b = loaded.projection()
   embed = state.params['predictor']['predictor_embed']
   np.testing.assert_array_equal(a, np.asarray(embed['kernel']))
   np.testing.assert_array_equal(b, np.asarray(embed['bias']))
-  jax.tree.map(np.testing.assert_array_equal, run.target_params, state.target_params)
-  np.testing.assert_array_equal(run.positions(), sincos_2d(8, 8, config.predictor.width))
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, loaded.target_params, state.target_params)
+  np.testing.assert_array_equal(loaded.positions(), sincos_2d(8, 8, config.predictor.width))
 
 
-# ---- Fig. 5 ---------------------------------------------------------------------------------
+# ---- Fig. 5 (similarity.py) -----------------------------------------------------------------
 
 
 def test_similarity_cosine_and_dot():
   q = np.array([[3.0, 4.0]])
   k = np.array([[1.0, 0.0], [0.0, 2.0]])
-  np.testing.assert_allclose(analysis.similarity(q, k, 'cosine'), [[0.6, 0.8]], rtol=1e-6)
-  np.testing.assert_allclose(analysis.similarity(q, k, 'dot'), [[3.0, 8.0]], rtol=1e-6)
+  np.testing.assert_allclose(similarity.similarity(q, k, 'cosine'), [[0.6, 0.8]], rtol=1e-6)
+  np.testing.assert_allclose(similarity.similarity(q, k, 'dot'), [[3.0, 8.0]], rtol=1e-6)
   with pytest.raises(ValueError, match='metric'):
-    analysis.similarity(q, k, 'l2')
+    similarity.similarity(q, k, 'l2')
 
 
 def _sincos_setup(grid=(6, 5), d_e=48, d_p=32, seed=0):
-  a, b = analysis.random_projection(jax.random.key(seed), d_e, d_p)
+  a, b = similarity.random_projection(jax.random.key(seed), d_e, d_p)
   return a * 10.0, b, sincos_2d(*grid, d_p)  # a larger A, so the noise matters at sigma ~ 1
 
 
-@pytest.mark.parametrize('metric', analysis.METRICS)
+@pytest.mark.parametrize('metric', similarity.METRICS)
 def test_deterministic_query_peaks_exactly_at_its_position(metric):
   grid = (6, 5)
   a, b, pos = _sincos_setup(grid)
   queries = list(range(grid[0] * grid[1]))
-  maps = analysis.position_similarity_maps(
+  maps = similarity.position_similarity_maps(
     a, b, pos, grid, queries, [0.0], jax.random.key(1), num_samples=3, metric=metric
   )
   assert maps.shape == (1, len(queries), *grid)
@@ -137,16 +153,16 @@ def test_deterministic_query_peaks_exactly_at_its_position(metric):
 def test_noise_flattens_the_map_and_samples_are_kept_on_request():
   grid = (6, 5)
   a, b, pos = _sincos_setup(grid)
-  queries = analysis.default_queries(grid)
+  queries = similarity.default_queries(grid)
   sigmas = [0.0, 0.5, 1e3]
-  maps = analysis.position_similarity_maps(
+  maps = similarity.position_similarity_maps(
     a, b, pos, grid, queries, sigmas, jax.random.key(2), num_samples=128
   )
-  entropy = analysis.map_entropy(maps)  # [sigma, Q]
+  entropy = similarity.map_entropy(maps)  # [sigma, Q]
   assert np.all(entropy[1] > entropy[0]) and np.all(entropy[2] > entropy[1] + 0.1)
   spread = maps.max(axis=(-1, -2)) - maps.min(axis=(-1, -2))  # [sigma, Q]
   assert np.all(spread[2] < 0.25 * spread[0])  # the averaged huge-noise map is nearly flat
-  per_sample = analysis.position_similarity_maps(
+  per_sample = similarity.position_similarity_maps(
     a, b, pos, grid, queries, sigmas, jax.random.key(2), num_samples=4, average=False
   )
   assert per_sample.shape == (3, len(queries), 4, *grid)
@@ -159,25 +175,25 @@ def test_position_similarity_maps_rejects_bad_input():
   a, b, pos = _sincos_setup(grid)
   key = jax.random.key(0)
   with pytest.raises(ValueError, match='query_idx'):
-    analysis.position_similarity_maps(a, b, pos, grid, [30], [0.1], key)
+    similarity.position_similarity_maps(a, b, pos, grid, [30], [0.1], key)
   with pytest.raises(ValueError, match='sigmas'):
-    analysis.position_similarity_maps(a, b, pos, grid, [0], [-0.1], key)
+    similarity.position_similarity_maps(a, b, pos, grid, [0], [-0.1], key)
   with pytest.raises(ValueError, match='psi'):
-    analysis.position_similarity_maps(a, b, pos[:-1], grid, [0], [0.1], key)
+    similarity.position_similarity_maps(a, b, pos[:-1], grid, [0], [0.1], key)
 
 
 def test_map_entropy_bounds():
   flat = np.zeros((4, 5))
-  np.testing.assert_allclose(analysis.map_entropy(flat), np.log(20), rtol=1e-6)
+  np.testing.assert_allclose(similarity.map_entropy(flat), np.log(20), rtol=1e-6)
   peak = np.zeros((4, 5))
   peak[1, 2] = 1.0
-  assert analysis.map_entropy(peak, temperature=0.01) < 1e-6
-  probs = analysis.spatial_softmax(np.random.default_rng(0).normal(size=(2, 4, 5)))
+  assert similarity.map_entropy(peak, temperature=0.01) < 1e-6
+  probs = similarity.spatial_softmax(np.random.default_rng(0).normal(size=(2, 4, 5)))
   np.testing.assert_allclose(probs.sum(axis=(-1, -2)), 1.0, rtol=1e-6)
 
 
 def test_random_projection_matches_the_init():
-  a, b = analysis.random_projection(jax.random.key(0), 256, 128)
+  a, b = similarity.random_projection(jax.random.key(0), 256, 128)
   assert a.shape == (256, 128) and b.shape == (128,) and not b.any()
   assert abs(a.std() - 0.02) < 0.001
 
@@ -185,69 +201,64 @@ def test_random_projection_matches_the_init():
 def test_plot_similarity_maps_axes_and_data():
   grid = (6, 5)
   maps = np.random.default_rng(0).normal(size=(4, 3, *grid))
-  fig = analysis.plot_similarity_maps(maps, grid, [0, 7, 29], ['a', 'b', 'c', 'd'], title='t')
+  fig = similarity.plot_similarity_maps(maps, grid, [0, 7, 29], ['a', 'b', 'c', 'd'], title='t')
   images = [ax for ax in fig.axes if ax.images and ax.get_label() != '<colorbar>']
   assert len(images) == 12 and len(fig.axes) == 12 + 3  # one colour bar per row
   np.testing.assert_allclose(images[5].images[0].get_array(), maps[1, 1], rtol=1e-6)  # row 1, col 1
   with pytest.raises(ValueError, match='column titles'):
-    analysis.plot_similarity_maps(maps, grid, [0, 7, 29], ['a'])
+    similarity.plot_similarity_maps(maps, grid, [0, 7, 29], ['a'])
 
 
-# ---- Fig. 6 ---------------------------------------------------------------------------------
+# ---- Fig. 6 (heatmaps.py) -------------------------------------------------------------------
 
 
 def test_softmax_sums_to_one_and_an_exact_prediction_points_at_its_patch():
   tokens = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
-  probs = analysis.token_similarity_softmax(tokens, tokens)  # each token predicted exactly
+  probs = heatmaps.token_similarity_softmax(tokens, tokens)  # each token predicted exactly
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(probs.argmax(-1), np.arange(64))
-  sharp = analysis.token_similarity_softmax(tokens, tokens, temperature=0.1)
+  sharp = heatmaps.token_similarity_softmax(tokens, tokens, temperature=0.1)
   assert np.all(sharp.max(-1) > probs.max(-1))
 
 
-@pytest.fixture(scope='module')
-def random_run():
+def test_sample_target_mask_is_one_block_and_a_disjoint_context():
   config = _tiny()
-  encoder, predictor = models.build_encoder(config), models.build_predictor(config)
-  params = step_lib.init_params(encoder, predictor, config, jax.random.key(0))
-  return analysis.Run('unsaved', config, 0, params, params['encoder'])
-
-
-def test_sample_target_mask_is_one_block_and_a_disjoint_context(random_run):
-  ctx, tgt = analysis.sample_target_mask(random_run.config, seed=3)
+  ctx, tgt = heatmaps.sample_target_mask(config, seed=3)
   assert ctx.shape == tgt.shape == (64,)
-  assert not np.any(ctx & tgt) and ctx.sum() > random_run.config.mask.min_keep
+  assert not np.any(ctx & tgt) and ctx.sum() > config.mask.min_keep
   rows, cols = np.nonzero(tgt.reshape(8, 8))
   assert tgt.sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)  # a full rectangle
 
 
-def test_prediction_heatmaps_from_the_real_model(random_run, monkeypatch):
+@pytest.mark.slow
+def test_prediction_heatmaps_from_the_real_model(run, monkeypatch):
   image = np.random.default_rng(0).normal(size=(32, 32, 3)).astype(np.float32)
-  ctx, tgt = analysis.sample_target_mask(random_run.config, seed=1)
+  ctx, tgt = heatmaps.sample_target_mask(run.config, seed=1)
   patches = np.flatnonzero(tgt)[[0, -1]].tolist()
-  maps = analysis.prediction_heatmaps(random_run, image, ctx, tgt, patches)
+  maps = heatmaps.prediction_heatmaps(run, image, ctx, tgt, patches)
   assert maps.shape == (2, 8, 8)
   np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-5)
-  noisy = analysis.prediction_heatmaps(random_run, image, ctx, tgt, patches, jax.random.key(1))
+  noisy = heatmaps.prediction_heatmaps(run, image, ctx, tgt, patches, jax.random.key(1))
   assert not np.allclose(noisy, maps)  # StoP noise reaches the prediction
 
   # A predictor that returns exactly the target tokens: every map peaks at its own patch.
-  tokens = analysis.image_tokens(random_run, image)
+  tokens = heatmaps.image_tokens(run, image)
   monkeypatch.setattr(
-    analysis, 'predict_masked_tokens', lambda run, im, c, t, rng=None: tokens[np.flatnonzero(t)]
+    heatmaps, 'predict_masked_tokens', lambda run, im, c, t, rng=None: tokens[np.flatnonzero(t)]
   )
   all_patches = np.flatnonzero(tgt)
-  exact = analysis.prediction_heatmaps(random_run, image, ctx, tgt, all_patches[::-1])
+  exact = heatmaps.prediction_heatmaps(run, image, ctx, tgt, all_patches[::-1])
   np.testing.assert_array_equal(exact.reshape(len(all_patches), -1).argmax(-1), all_patches[::-1])
 
 
-def test_prediction_inputs_are_checked(random_run):
+def test_prediction_inputs_are_checked():
+  run = runs.Run('unsaved', _tiny(), 0, {}, {})  # no params: the checks come before the model
   image = np.zeros((32, 32, 3), np.float32)
-  ctx, tgt = analysis.sample_target_mask(random_run.config, seed=1)
+  ctx, tgt = heatmaps.sample_target_mask(run.config, seed=1)
   with pytest.raises(ValueError, match='not in the target block'):
-    analysis.prediction_heatmaps(random_run, image, ctx, tgt, [int(np.flatnonzero(ctx)[0])])
+    heatmaps.prediction_heatmaps(run, image, ctx, tgt, [int(np.flatnonzero(ctx)[0])])
   with pytest.raises(ValueError, match='also in the context'):
-    analysis.predict_masked_tokens(random_run, image, ctx | tgt, tgt)
+    heatmaps.predict_masked_tokens(run, image, ctx | tgt, tgt)
 
 
 def test_plot_prediction_heatmaps_axes():
@@ -257,16 +268,16 @@ def test_plot_prediction_heatmaps_axes():
   tgt = np.zeros(64, bool)
   tgt[40:44] = True
   maps = {'a': np.full((8, 8), 1 / 64), 'b': np.eye(8) / 8}
-  fig = analysis.plot_prediction_heatmaps(image, ctx, tgt, 41, maps)
+  fig = heatmaps.plot_prediction_heatmaps(image, ctx, tgt, 41, maps)
   assert len(fig.axes) == 1 + 2 + 1  # masked image, two overlays, colour bar
   shown = fig.axes[0].images[0].get_array()
-  np.testing.assert_allclose(shown[20, 4], analysis.TARGET_RGB)  # patch 40 is the target fill
+  np.testing.assert_allclose(shown[20, 4], heatmaps.TARGET_RGB)  # patch 40 is the target fill
   np.testing.assert_allclose(fig.axes[2].images[1].get_array(), maps['b'], rtol=1e-6)
   with pytest.raises(ValueError, match='no heatmap'):
-    analysis.plot_prediction_heatmaps(image, ctx, tgt, 41, {})
+    heatmaps.plot_prediction_heatmaps(image, ctx, tgt, 41, {})
 
 
-# ---- Fig. 4 ---------------------------------------------------------------------------------
+# ---- Fig. 4 (regularisation.py) -------------------------------------------------------------
 
 
 def test_metric_series_sorts_and_keeps_the_last_value_of_a_repeated_step(tmp_path):
@@ -277,15 +288,15 @@ def test_metric_series_sorts_and_keeps_the_last_value_of_a_repeated_step(tmp_pat
     {'step': 15, 'probe_pretrained/accuracy': 0.9},
   ]
   _write_run(tmp_path, 0.25, rows)
-  read = analysis.read_metrics(str(tmp_path))
+  read = regularisation.read_metrics(str(tmp_path))
   assert read == rows
-  steps, values = analysis.metric_series(read, 'A_norm')
+  steps, values = regularisation.metric_series(read, 'A_norm')
   np.testing.assert_array_equal(steps, [5, 10])
   np.testing.assert_array_equal(values, [1.0, 2.5])
   with pytest.raises(KeyError, match='A_bias_norm'):
-    analysis.metric_series(read, 'A_bias_norm')
+    regularisation.metric_series(read, 'A_bias_norm')
   with pytest.raises(FileNotFoundError, match='metrics.jsonl'):
-    analysis.read_metrics(str(tmp_path / 'none'))
+    regularisation.read_metrics(str(tmp_path / 'none'))
 
 
 @pytest.fixture
@@ -298,25 +309,25 @@ def sigma_runs(tmp_path):
 
 
 def test_regularisation_table_is_sorted_by_sigma(sigma_runs):
-  table = analysis.regularisation_table(sigma_runs)
+  table = regularisation.regularisation_table(sigma_runs)
   np.testing.assert_array_equal(table['sigma'], [0.0, 0.25, 0.25, 0.5])
   assert table['mode'] == ['masked', 'masked', 'off', 'masked']
   np.testing.assert_allclose(table['A_norm'], [10.0, 12.5, 12.5, 15.0])
   np.testing.assert_array_equal(table['step'], [10, 10, 10, 10])
-  smoothed = analysis.regularisation_table(sigma_runs, last=2)
+  smoothed = regularisation.regularisation_table(sigma_runs, last=2)
   np.testing.assert_allclose(smoothed['A_bias_norm'], [0.75, 1.0, 1.0, 1.25])
   with pytest.raises(ValueError, match='no run'):
-    analysis.regularisation_table([])
+    regularisation.regularisation_table([])
 
 
 def test_regularisation_plots(sigma_runs):
-  table = analysis.regularisation_table(sigma_runs)
-  fig = analysis.plot_regularisation(table)
+  table = regularisation.regularisation_table(sigma_runs)
+  fig = regularisation.plot_regularisation(table)
   assert len(fig.axes) == 2
   masked = fig.axes[0].lines[0]  # one line per mode, masked first
   np.testing.assert_array_equal(masked.get_xdata(), [0.0, 0.25, 0.5])
   np.testing.assert_allclose(masked.get_ydata(), [10.0, 12.5, 15.0])
   assert len(fig.axes[1].lines) == 2
-  curves = analysis.plot_metric_curves(sigma_runs, keys=('A_norm', 'A_bias_norm', 'A_norm'))
+  curves = regularisation.plot_metric_curves(sigma_runs, keys=('A_norm', 'A_bias_norm', 'A_norm'))
   assert len(curves.axes) == 3 and len(curves.axes[0].lines) == 4
   np.testing.assert_array_equal(curves.axes[0].lines[0].get_xdata(), [5, 10])

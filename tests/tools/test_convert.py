@@ -21,7 +21,8 @@ import pytest
 
 from stop_jax import config as config_lib
 from stop_jax import models
-from stop_jax.tools import convert
+from stop_jax.eval import converted
+from stop_jax.tools import convert, official_layout
 
 torch = pytest.importorskip('torch')
 from reference.official_torch import official_modules  # noqa: E402 (needs torch)
@@ -134,6 +135,7 @@ def check_parity(config, params, mods, stop: bool):
 # ---- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stop_checkpoint_parity_scanned_with_ddp_prefix(tmp_path, caplog):
   config = make_config(scan_blocks=True)
   mods = torch_models(config)
@@ -151,6 +153,7 @@ def test_stop_checkpoint_parity_scanned_with_ddp_prefix(tmp_path, caplog):
   check_parity(config, params, mods, stop=True)
 
 
+@pytest.mark.slow
 def test_ijepa_checkpoint_parity_patch14_unrolled_no_prefix(tmp_path):
   config = make_config(patch_size=14, image_size=56, scan_blocks=False, stop_mode='off')
   mods = torch_models(config, seed=1)
@@ -330,7 +333,8 @@ def test_read_rejects_files_that_are_not_official_checkpoints(tmp_path):
 def test_package_works_without_torch():
   code = (
     "import sys; sys.modules['torch'] = None\n"
-    'from stop_jax import convert\n'
+    'from stop_jax.eval import converted, load\n'  # evaluation reads conversions without torch
+    'from stop_jax.tools import convert\n'
     'try:\n'
     "  convert.read_torch_checkpoint('x.pth')\n"
     'except ImportError as e:\n'
@@ -363,9 +367,10 @@ def test_official_layout_of_real_configs(name, overrides):
     theirs = {k: tuple(v.shape) for k, v in mods[part].state_dict().items()}
     if part == 'predictor':
       del theirs['mask_token']  # StoP (stop.mode='masked') drops it
-    assert convert.official_shapes(part, config) == theirs
+    assert official_layout.official_shapes(part, config) == theirs
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
   # configs/tiny.py (width 64, depth 4, patch 4, image 32, predictor 64 x 2) with overrides.
   config = config_lib.load_config_file('tiny.py')
@@ -387,7 +392,7 @@ def test_cli_end_to_end(tmp_path):
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "dropping the checkpoint's mask_token" in proc.stderr
-  loaded_config, params = convert.load_converted(out)
+  loaded_config, params = converted.load_converted(out)
   assert loaded_config.model.gelu == 'exact' and loaded_config.model.scan_blocks is True
   assert loaded_config.data.crop_scale == config.data.crop_scale  # tuples survive JSON
   assert sorted(params) == ['predictor', 'target_encoder']
@@ -399,11 +404,11 @@ def test_cli_end_to_end(tmp_path):
   with torch.no_grad():
     theirs = mods['target_encoder'](torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
   assert_rel_close(ours, theirs)
-  # stop_jax.evaluate reads the directory as a converted checkpoint (not as a training run,
-  # although it has checkpoints/0 too), with the target encoder's params.
-  from stop_jax import evaluate  # noqa: PLC0415
+  # Evaluation reads the directory as a converted checkpoint (not as a training run, although it
+  # has checkpoints/0 too), with the target encoder's params.
+  from stop_jax.eval import load  # noqa: PLC0415
 
-  loaded = evaluate.load_model(out)
+  loaded = load.load_model(out)
   assert loaded.source == 'converted' and loaded.step is None
   np.testing.assert_array_equal(
     loaded.params['norm']['scale'], params['target_encoder']['norm']['scale']

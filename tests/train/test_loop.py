@@ -7,7 +7,9 @@ import os
 import pytest
 
 from stop_jax import config as config_lib
-from stop_jax.train import loop as trainer
+from stop_jax.data import train_stream
+from stop_jax.train import loop, setup
+from stop_jax.train import plan as plan_lib
 
 METRIC_KEYS = {
   'loss',
@@ -41,7 +43,7 @@ def test_tiny_pretraining_learns_logs_probes_and_resumes(tmp_path):
   config = _tiny(40)
   config.eval.knn_every_steps = 20  # the periodic k-NN sanity metric
   config.eval.knn_max_examples = 200
-  summary = trainer.train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
 
   lines = [json.loads(x) for x in open(os.path.join(workdir, 'metrics.jsonl'))]
   train_lines = [x for x in lines if 'loss' in x]
@@ -67,7 +69,7 @@ def test_tiny_pretraining_learns_logs_probes_and_resumes(tmp_path):
   config.eval.knn_every_steps = 20
   config.eval.knn_max_examples = 200
   config.eval.probe = False
-  summary = trainer.train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
   steps = [json.loads(x)['step'] for x in open(os.path.join(workdir, 'metrics.jsonl'))]
   assert steps[-2:] == [45, 50]
   assert 5 not in steps[len(train_lines) + 2 :]  # nothing recomputed from scratch
@@ -85,49 +87,49 @@ def test_no_recompilation_after_the_first_step(tmp_path, monkeypatch):
       compiles.append(name) if name.endswith('backend_compile_duration') else None
     )
   )
-  real_iterator = trainer.input_pipeline.create_train_iterator
+  real_iterator = train_stream.create_train_iterator
 
   def counting_iterator(*args, **kwargs):
     for batch in real_iterator(*args, **kwargs):
       at_step.append(len(compiles))  # read while the loop runs (the prefetcher runs ahead)
       yield batch
 
-  monkeypatch.setattr(trainer.input_pipeline, 'create_train_iterator', counting_iterator)
+  monkeypatch.setattr(train_stream, 'create_train_iterator', counting_iterator)
   config = _tiny(12)
   config.eval.probe = False
   config.checkpoint.every_steps = 4  # saves and metric fetches in between must not compile
   config.log_every_steps = 3
-  trainer.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   assert len(at_step) >= 12
   # The step is compiled ahead of time, before the loop: no compilation during the 12 steps.
   assert at_step[0] >= 1
   assert len(set(at_step)) == 1 and len(compiles) == at_step[0], at_step
 
 
+@pytest.mark.slow  # three compiles; tests/runtime/test_compiler.py is the fast check
 def test_cpu_matmul_library_option_changes_the_kernels_not_the_step():
   import jax
   import numpy as np
 
   from stop_jax.data import batch as batch_lib
-  from stop_jax.data import pipeline as input_pipeline
-  from stop_jax.runtime import sharding
+  from stop_jax.runtime import compiler, sharding
 
   c = _tiny(1)
   c.model.depth = 1
-  plan = trainer.plan_run(c)
+  plan = plan_lib.plan_run(c)
   mesh = sharding.make_mesh(c, jax.devices()[:1])
-  setup = trainer.make_sharded_step(c, mesh, plan.steps_per_epoch)
-  batch = next(input_pipeline.create_train_iterator(c, plan.mask_spec, 0, 0, 1))
-  batch = batch_lib.to_global(batch, setup.batch_shardings)
-  rng = jax.device_put(jax.random.key(1), setup.replicated)
+  sharded = setup.make_sharded_step(c, mesh, plan.schedules)
+  batch = next(train_stream.create_train_iterator(c, plan.mask_spec, 0, 0, 1))
+  batch = batch_lib.to_global(batch, sharded.batch_shardings)
+  rng = jax.device_put(jax.random.key(1), sharded.replicated)
   kernels, metrics = {}, {}
   for library in ('onednn', 'eigen', 'ynnpack'):
     c.xla_cpu_matmul = library
-    assert trainer.compiler_options(c, 'gpu') == {}
-    compiled = setup.compile(c, plan.mask_spec)
+    assert compiler.compiler_options(library, 'gpu') == {}
+    compiled = sharded.compile(c, plan.mask_spec)
     hlo = compiled.as_text()
     kernels[library] = {k for k in ('__ynn_fusion', '__onednn_fusion') if k in hlo}
-    metrics[library] = compiled(setup.create(jax.random.key(0)), batch, rng)[1]
+    metrics[library] = compiled(sharded.create(jax.random.key(0)), batch, rng)[1]
   # XLA:CPU's default puts the dots in YNNPACK fusions; 'eigen' leaves them as plain dots.
   assert kernels == {'onednn': {'__onednn_fusion'}, 'eigen': set(), 'ynnpack': {'__ynn_fusion'}}
   # Same step, summed in another order.

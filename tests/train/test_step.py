@@ -84,9 +84,9 @@ def test_ipe_scale_stretches_the_horizon():
 def test_no_weight_decay_on_biases_and_norm_scales():
   c = _config()
   c.stop.mode = 'off'  # has a mask token, which the official code decays
-  params = step_lib.init_params(
-    models.build_encoder(c), models.build_predictor(c), c, jax.random.key(0)
-  )
+  enc, pred = models.build_encoder(c), models.build_predictor(c)
+  # The mask depends on the names only: the params' shapes (no initialisation) are enough.
+  params = jax.eval_shape(lambda k: step_lib.init_params(enc, pred, c, k), jax.random.key(0))
   mask = step_lib.decay_mask(params)
   assert mask['encoder']['blocks']['layers']['attn']['qkv']['kernel']
   assert not mask['encoder']['blocks']['layers']['attn']['qkv']['bias']
@@ -102,7 +102,8 @@ def _setup(c):
   enc, pred = models.build_encoder(c), models.build_predictor(c)
   tx = step_lib.make_optimizer(c)
   sched = Schedules.from_config(c, steps_per_epoch=10)
-  state = step_lib.create_train_state(enc, pred, tx, c, jax.random.key(0))
+  # Jitted: one compile instead of hundreds of eager ops.
+  state = jax.jit(lambda k: step_lib.create_train_state(enc, pred, tx, c, k))(jax.random.key(0))
   return enc, pred, tx, sched, state
 
 
@@ -120,12 +121,24 @@ def _batch(b=4, seed=0):
   }
 
 
-def test_ema_update_and_schedules_inside_the_step():
+@pytest.fixture(scope='module')
+def one_step():
+  """One jitted step of the default step config with the l1 penalty on A (the ablation, which
+  only adds to the total loss), from a fresh state: (sched, state before, state after, metrics).
+  Shared by the EMA and the penalty tests: compiling is the slow part."""
   c = _config()
+  c.stop.reg, c.stop.reg_weight = 'l1', 1e-3
   enc, pred, tx, sched, state = _setup(c)
-  target0 = jax.tree.map(np.asarray, state.target_params)
-  step = jax.jit(step_lib.make_train_step(c, enc, pred, tx, sched))
-  new, metrics = step(state, _batch(), jax.random.key(1))
+  before = jax.tree.map(np.asarray, state)
+  new, metrics = jax.jit(step_lib.make_train_step(c, enc, pred, tx, sched))(
+    state, _batch(), jax.random.key(1)
+  )
+  return sched, before, new, metrics
+
+
+def test_ema_update_and_schedules_inside_the_step(one_step):
+  sched, before, new, metrics = one_step
+  target0 = before.target_params
   m = 0.996  # momentum at step 0
   expected = jax.tree.map(
     lambda t, p: m * t + (1 - m) * np.asarray(p), target0, new.params['encoder']
@@ -144,6 +157,7 @@ def test_ema_update_and_schedules_inside_the_step():
   )
 
 
+@pytest.mark.slow
 def test_step_compiles_once_and_loss_decreases():
   c = _config()
   c.optim.warmup_epochs, c.optim.start_lr, c.optim.lr = 0, 1e-3, 1e-3
@@ -174,25 +188,22 @@ def test_target_features_average_the_last_k_normed_blocks():
   c = _config()
   enc = models.build_encoder(c)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  params = nn.unbox(enc.init(jax.random.key(1), images)['params'])
-  one = step_lib.target_features(enc, params, images, 1)
+  # Jitted: a few compiles instead of hundreds of eager ops.
+  params = jax.jit(lambda k, x: nn.unbox(enc.init(k, x)['params']))(jax.random.key(1), images)
+  features = jax.jit(lambda p, x, k: step_lib.target_features(enc, p, x, k), static_argnums=2)
+  one = features(params, images, 1)
   np.testing.assert_allclose(one.mean(-1), 0, atol=1e-5)
   np.testing.assert_allclose(one.std(-1), 1, atol=1e-3)
-  _, blocks = enc.apply({'params': params}, images, return_blocks=True)
-  two = step_lib.target_features(enc, params, images, 2)
+  _, blocks = jax.jit(lambda p, x: enc.apply({'params': p}, x, return_blocks=True))(params, images)
+  two = features(params, images, 2)
   np.testing.assert_allclose(
     two, (step_lib.layer_norm(blocks[0]) + step_lib.layer_norm(blocks[1])) / 2, atol=1e-5
   )
 
 
-def test_l1_penalty_adds_to_the_loss():
-  c = _config()
-  c.stop.mode, c.stop.reg, c.stop.reg_weight = 'off', 'l1', 1e-3
-  enc, pred, tx, sched, state = _setup(c)
-  _, metrics = jax.jit(step_lib.make_train_step(c, enc, pred, tx, sched))(
-    state, _batch(), jax.random.key(1)
-  )
-  a = np.asarray(state.params['predictor']['predictor_embed']['kernel'])
+def test_l1_penalty_adds_to_the_loss(one_step):
+  _, before, _, metrics = one_step
+  a = before.params['predictor']['predictor_embed']['kernel']
   assert float(metrics['total_loss'] - metrics['loss']) == pytest.approx(
     1e-3 * np.abs(a).sum(), rel=1e-4
   )

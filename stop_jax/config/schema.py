@@ -1,0 +1,302 @@
+"""Every config key, declared once with its default and its meaning.
+
+Config files in `configs/` start from `base_config()` and change values; they never add keys
+(the config is locked, so a typo such as `--config.stop.sgima=0.1` fails at once). One builder
+per group declares that group's keys; the allowed values of a key sit next to the group that
+uses them. `checks.validate` checks the groups in the order they are declared here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The official ViT table (I-JEPA `vision_transformer.py`): width, depth, heads, mlp ratio.
+VIT_VARIANTS = {
+  'tiny': (192, 12, 3, 4.0),
+  'small': (384, 12, 6, 4.0),
+  'base': (768, 12, 12, 4.0),
+  'large': (1024, 24, 16, 4.0),
+  'huge': (1280, 32, 16, 4.0),
+  'giant': (1408, 40, 16, 48 / 11),
+}
+
+
+def _model() -> ml_collections.ConfigDict:
+  """The encoder (a ViT); the target encoder is its EMA copy."""
+  m = ml_collections.ConfigDict()
+  m.variant = 'base'  # One of VIT_VARIANTS.
+  # Overrides of the variant's shape (-1 = take it from the variant), for small custom models.
+  m.width = -1
+  m.depth = -1
+  m.num_heads = -1
+  m.mlp_ratio = -1.0
+  m.patch_size = 16
+  m.image_size = 224
+  m.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (params stay float32).
+  m.gelu = 'exact'  # exact (official, erf) | tanh (faster on some backends).
+  # Activation rematerialisation: none | block (recompute each block in the backward pass) |
+  # dots (keep the Dense outputs, recompute attention and elementwise ops).
+  m.remat = 'none'
+  # Storage dtype of the EMA target encoder: float32 | bfloat16 (halves its memory; the EMA is
+  # computed in float32 and stochastically rounded, so updates far below bf16's resolution still
+  # move the target on average).
+  m.target_dtype = 'float32'
+  m.scan_blocks = True  # nn.scan over blocks: compile time flat in depth.
+  # Attention kernel: auto (cuDNN flash attention on GPUs in bf16, else einsum) | einsum (ours,
+  # float32 logits; fastest on XLA:CPU) | xla (jax.nn.dot_product_attention) | cudnn.
+  m.attention = 'auto'
+  return m
+
+
+def _predictor() -> ml_collections.ConfigDict:
+  """The narrow transformer that predicts target features from context features."""
+  p = ml_collections.ConfigDict()
+  p.width = 384
+  p.depth = 6
+  p.num_heads = -1  # -1 = the encoder's head count (official).
+  p.pos_embed = 'sincos'  # sincos (official) | learned (paper ablation).
+  return p
+
+
+STOP_MODES = ('masked', 'off', 'context', 'both', 'fixed_cov', 'untied')
+
+
+def _stop() -> ml_collections.ConfigDict:
+  """StoP: where the noise goes and how big it is.
+
+  sigma is a standard deviation, as in the official code (the paper writes N(0, sigma I)).
+  """
+  s = ml_collections.ConfigDict()
+  s.mode = 'masked'  # One of STOP_MODES; 'off' is the I-JEPA baseline.
+  s.sigma = 0.25
+  s.reg = 'none'  # none | l1 | l2: penalty on A (paper ablation, with mode='off').
+  s.reg_weight = 0.0
+  return s
+
+
+MASK_MODES = ('official', 'corrected')
+
+
+def _mask() -> ml_collections.ConfigDict:
+  """The multi-block masks: one context block and num_targets target blocks per image."""
+  k = ml_collections.ConfigDict()
+  k.mode = 'corrected'  # official (bit-faithful quirks) | corrected. See masking.py.
+  k.num_targets = 4
+  k.target_scale = (0.15, 0.2)
+  k.target_aspect = (0.75, 1.5)
+  k.context_scale = (0.85, 1.0)
+  k.min_keep = 10
+  # Fixed token counts per image (static shapes); -1 = the official sampler's average at this
+  # grid (what the official code keeps after truncating to the batch minimum at 64 per device).
+  k.num_context_tokens = -1
+  k.num_target_tokens = -1
+  return k
+
+
+def _loss() -> ml_collections.ConfigDict:
+  """The regression loss between predictions and target-encoder features."""
+  loss = ml_collections.ConfigDict()
+  loss.type = 'smooth_l1'  # smooth_l1 (official, beta 1) | l2.
+  loss.num_target_layers = 1  # Targets = mean of the last K blocks' layer-normed outputs.
+  return loss
+
+
+def _optim() -> ml_collections.ConfigDict:
+  """AdamW with the official schedules (LR, weight decay, EMA momentum), in epochs."""
+  o = ml_collections.ConfigDict()
+  o.epochs = 600
+  o.warmup_epochs = 15.0
+  o.ipe_scale = 1.0  # Schedule horizon T = ipe_scale * epochs * steps_per_epoch.
+  o.start_lr = 2e-4
+  o.lr = 8e-4
+  o.final_lr = 1e-6
+  o.constant_lr_after_epoch = -1.0  # StoP ViT-H: 250 (LR held constant afterwards).
+  o.weight_decay = 0.04
+  o.final_weight_decay = 0.4
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.grad_clip_norm = 0.0  # 0 = no clipping (official).
+  o.ema_start = 0.996
+  o.ema_end = 1.0
+  return o
+
+
+DATA_SOURCES = ('digits', 'tfds', 'synthetic', 'folder')
+INTERPOLATIONS = ('bilinear', 'bicubic')
+
+
+def _data() -> ml_collections.ConfigDict:
+  """The pretraining data and its augmentation."""
+  d = ml_collections.ConfigDict()
+  # One of DATA_SOURCES: tfds | folder (data_dir/<split>/<class>/*.JPEG, the official layout;
+  # classes sorted -> labels) | digits (sklearn, offline) | synthetic (noise, for benchmarks).
+  d.source = 'tfds'
+  d.name = 'imagenet2012'  # tfds name (source=tfds).
+  d.train_split = 'train'  # tfds split, or the folder's split directory ('train').
+  d.eval_split = 'validation'  # Probe test split (folder: usually 'val').
+  d.data_dir = ''  # tfds data_dir ('' = the tfds default), or the folder root.
+  d.global_batch_size = 2048
+  # Examples per epoch; -1 = read from the dataset's metadata. Sets steps_per_epoch.
+  d.num_train_examples = -1
+  # Augmentation, defaults = StoP's official runs (torchvision semantics, in this order):
+  # RandomResizedCrop(scale, ratio) -> flip -> colour jitter -> grayscale -> blur -> normalise.
+  d.crop_scale = (0.3, 1.0)
+  d.crop_ratio = (3 / 4, 4 / 3)
+  d.interpolation = 'bilinear'  # RandomResizedCrop resize: bilinear (torchvision) | bicubic.
+  d.flip = True  # Horizontal flip with probability 1/2 (I-JEPA's own configs: off).
+  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with strength s, applied with color_jitter_prob; 0 = off
+  # (StoP and I-JEPA: color_jitter_strength 0).
+  d.color_jitter = 0.0
+  d.color_jitter_prob = 0.8
+  d.grayscale_prob = 0.2  # RandomGrayscale (StoP: on, 0.2; 0 = off).
+  d.blur_prob = 0.5  # Gaussian blur (StoP: on, 0.5; 0 = off) ...
+  d.blur_sigma = (0.1, 2.0)  # ... with a standard deviation uniform in this range (pixels).
+  # tfds: each epoch reads a process's shard in windows of this many consecutive records, in a
+  # random order, each shuffled in memory (about 2-3 windows of encoded images are in RAM).
+  d.shuffle_window = 10_000
+  d.digits_upscale = 'bilinear'  # digits: how 8x8 digits are resized to image_size.
+  return d
+
+
+EVAL_PROTOCOLS = ('logreg', 'linear', 'knn')
+EVAL_SOURCES = ('tfds', 'folder', 'digits', 'synthetic')
+EVAL_LABELS = ('label', 'clevr_count', 'clevr_distance')
+FEATURE_TYPES = ('last', 'last4')
+
+
+def _eval() -> ml_collections.ConfigDict:
+  """Evaluation: the trainer's probe and k-NN, and `stop_jax.evaluate`'s protocols."""
+  e = ml_collections.ConfigDict()
+  e.probe = True  # Linear probe of the target encoder at the end of training.
+  e.probe_random_init = True  # Also probe a randomly initialised encoder (reference).
+  e.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # Swept on a held-out part of the train split.
+  e.probe_max_examples = 50_000
+  # k-NN sanity metric during pretraining (stop_jax/eval/knn.py: knn_eval) on the run's own data
+  # (config.data splits, un-augmented), avg-pooled last layer. 0 = off.
+  e.knn_every_steps = 0
+  e.knn_max_examples = 10_000  # Per split; -1 = all.
+  e.knn_k = 20  # Neighbours (DINO protocol: 20).
+  e.knn_temperature = 0.07  # Vote weight exp(cos_sim / T) (DINO protocol: 0.07).
+  # `python -m stop_jax.evaluate --config=configs/eval/X.py --workdir=W`: the keys below (model
+  # keys come from the run's config.json). Results go to W/eval/<name>.json.
+  e.name = ''  # '' = '<protocol>_<dataset>'.
+  # logreg: StoP's IN-1k 1% probe, L2 logistic regression (L-BFGS) on standardised features,
+  #   l2 swept over probe_l2 on a held-out 20% of the train split (one value: no sweep).
+  # linear: full linear probe (VISSL): a linear head trained with SGD/LARS on augmented images.
+  # knn: weighted k-NN on cosine similarity (knn_k, knn_temperature).
+  e.protocol = 'logreg'
+  # Features of the frozen target encoder: 'last' = avg-pooled last layer (after the final norm),
+  # 'last4' = concat of the avg-pooled last 4 blocks, each after the final norm. Both are reported.
+  e.feature_types = ('last', 'last4')
+  e.source = 'tfds'  # tfds | folder (data_dir/<split>/<class>/*.jpg) | digits | synthetic.
+  e.dataset = 'imagenet2012'  # tfds name (source=tfds); also names the result file.
+  e.data_dir = ''  # tfds data_dir ('' = the tfds default), or the root for source=folder.
+  e.train_split = 'train'
+  e.test_split = 'validation'
+  e.label = 'label'  # label | clevr_count | clevr_distance (the VTAB task definitions).
+  e.max_train_examples = -1  # First N of each split (-1 = all): quick runs.
+  e.max_test_examples = -1
+  e.image_size = -1  # Eval resolution; -1 = the run's model.image_size.
+  e.resize_ratio = 256 / 224  # Test images: shorter side to image_size * this, center crop.
+  # False: test images are resized whole to image_size x image_size instead (VTAB; CLEVR labels
+  # depend on every object, which a center crop of a 3:2 scene can cut off).
+  e.center_crop = True
+  e.batch_size = 256  # Global batch of feature extraction (rounded up to the devices).
+  e.cache_features = True  # Reuse features in W/eval/cache (logreg, knn).
+  # protocol=linear: one BatchNorm-free linear head per (feature type, lr), all trained on the
+  # same frozen forward pass. LR = lr * linear_batch_size / 256, cosine to 0.
+  e.linear_optimizer = 'sgd'  # sgd (with momentum) | lars.
+  e.linear_lrs = (0.01,)
+  e.linear_momentum = 0.9
+  e.linear_weight_decay = 0.0  # On the head's kernel only.
+  e.linear_epochs = 100
+  e.linear_warmup_epochs = 0.0
+  e.linear_batch_size = 256
+  e.linear_crop_scale = (0.08, 1.0)  # RandomResizedCrop area range for training images.
+  e.linear_flip = True  # Random horizontal flip for training images.
+  # Features enter the heads standardised with the mean/std of this many un-augmented train
+  # images: a fixed affine map (so the heads stay linear, no BatchNorm) that makes plain SGD
+  # converge on features with a large common component. 0 = raw features.
+  e.linear_standardize_examples = 10_000
+  e.log_every_steps = 100  # protocol=linear: training-loss log interval.
+  return e
+
+
+def _checkpoint() -> ml_collections.ConfigDict:
+  """When checkpoints are written and kept, and when a resume may change the config."""
+  ck = ml_collections.ConfigDict()
+  ck.every_steps = 1000  # 0 = only at the end.
+  ck.every_minutes = 30.0  # Also save when this long has passed (0 = off).
+  ck.keep = 3  # The latest k checkpoints ...
+  ck.keep_every = 0  # ... plus every step that is a multiple of this, forever (0 = off).
+  # Resuming in a workdir whose config.json differs (beyond run-control keys such as total_steps,
+  # logging, checkpointing, eval, mesh and data_dir) is refused unless this is True.
+  ck.allow_config_change = False
+  return ck
+
+
+def _run_control(c: ml_collections.ConfigDict):
+  """The top-level keys after the groups: failure policy, XLA:CPU matmuls, logging, length."""
+  # Non-finite loss or gradients: 'stop' (name the step and the last good checkpoint) or 'skip'
+  # (drop that update, count it, stop after max_consecutive_skips in a row). Either way the
+  # bad update never reaches the params.
+  c.on_nonfinite = 'stop'
+  c.max_consecutive_skips = 10
+  # Matmul library of XLA:CPU for the train step: onednn (measured the fastest on the ViT-Ti/16
+  # reference step, now level with eigen; bench/NOTES.md) | eigen | ynnpack (XLA's own
+  # default). Ignored on GPU / TPU. All float32; the sums differ only in rounding order.
+  c.xla_cpu_matmul = 'onednn'
+  c.log_every_steps = 50
+  c.total_steps = -1  # -1 = epochs * steps_per_epoch; set to stop early (schedules unchanged).
+
+
+def _mesh() -> ml_collections.ConfigDict:
+  """Device mesh (data, fsdp, tensor); one axis may be -1 = the devices left over.
+
+  The batch is split over data x fsdp; params / optimiser state / EMA target over fsdp (their
+  'embed' dim); heads and MLP units over tensor. See stop_jax/runtime/sharding.py.
+  """
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  return mesh
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key with its default (the ViT-B/16 StoP recipe of paper Table 10).
+
+  The keys keep their order (that of every saved config.json): seed, the groups, the run-control
+  keys, mesh.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = _model()
+  c.predictor = _predictor()
+  c.stop = _stop()
+  c.mask = _mask()
+  c.loss = _loss()
+  c.optim = _optim()
+  c.data = _data()
+  c.eval = _eval()
+  c.checkpoint = _checkpoint()
+  _run_control(c)
+  c.mesh = _mesh()
+  return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Freezes the set of keys: assigning a key that base_config() did not declare raises."""
+  config.lock()
+  return config
+
+
+def vit_shape(model: ml_collections.ConfigDict) -> tuple[int, int, int, float]:
+  """(width, depth, num_heads, mlp_ratio) of the encoder: the variant with any overrides."""
+  w, d, h, r = VIT_VARIANTS[model.variant]
+  return (
+    model.width if model.width > 0 else w,
+    model.depth if model.depth > 0 else d,
+    model.num_heads if model.num_heads > 0 else h,
+    model.mlp_ratio if model.mlp_ratio > 0 else r,
+  )

@@ -1,0 +1,64 @@
+"""The numbers of a run, derived once from the config and the data: steps, schedules, masks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from absl import logging
+
+from stop_jax.data import masking, sources
+from stop_jax.train.schedules import Schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """What the loop, the step and the checkpoints agree on; saved next to the config (plan.json).
+
+  `schedules` is built here once, from the steps per epoch the data gives, and passed down to
+  the step (`setup.make_sharded_step`).
+  """
+
+  num_train_examples: int
+  steps_per_epoch: int
+  total_steps: int
+  mask_spec: masking.MaskSpec
+  schedules: Schedules
+
+  def to_json_dict(self) -> dict:
+    """The plan.json content: the fields above but the schedules (the config holds their inputs)."""
+    d = dataclasses.asdict(self)
+    del d['schedules']
+    return d
+
+
+def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
+  """Counts the train split (reads the data source's size) and resolves the run's numbers.
+
+  total_steps = config.total_steps if > 0, else optim.epochs full epochs of the global batch.
+  """
+  n = sources.num_train_examples(config)
+  steps_per_epoch = max(1, n // config.data.global_batch_size)
+  total = config.total_steps
+  if total <= 0:
+    total = int(config.optim.epochs * steps_per_epoch)
+  return RunPlan(
+    n,
+    steps_per_epoch,
+    total,
+    masking.spec_from_config(config),
+    Schedules.from_config(config, steps_per_epoch),
+  )
+
+
+def log_plan(plan: RunPlan):
+  m = plan.mask_spec
+  logging.info(
+    'plan: %d examples, %d steps/epoch, %d steps, tokens per image: %d context, %d x %d target',
+    plan.num_train_examples,
+    plan.steps_per_epoch,
+    plan.total_steps,
+    m.num_context_tokens,
+    m.num_targets,
+    m.num_target_tokens,
+  )
