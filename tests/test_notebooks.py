@@ -23,6 +23,7 @@ MIN_FIGURES = {
   'stop_regularisation.ipynb': 2,  # against sigma, along training
 }
 QUICKSTART_STEPS = 30  # the quickstart trains its own run, as short as conftest's tiny_run
+SWEEP_STEPS = 10  # the regularisation notebook's sigma sweep: two logged points per run
 
 
 def _outputs(nb):
@@ -64,6 +65,7 @@ def test_notebook_runs_and_draws_its_figures(name, tiny_run, jupyter_path, tmp_p
   monkeypatch.setenv('STOP_JAX_SWEEP_DIR', str(tmp_path / 'sweep'))
   monkeypatch.setenv('STOP_JAX_QUICKSTART_WORKDIR', str(tmp_path / 'quickstart'))
   monkeypatch.setenv('STOP_JAX_QUICKSTART_STEPS', str(QUICKSTART_STEPS))
+  monkeypatch.setenv('STOP_JAX_SWEEP_STEPS', str(SWEEP_STEPS))
   nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
   client = NotebookClient(
     nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': str(NOTEBOOK_DIR)}}

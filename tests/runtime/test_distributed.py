@@ -249,6 +249,8 @@ def _free_port() -> int:
 
 TRAIN_ARGS = [
   '--config=configs/tiny.py:steps=3',
+  '--config.model.depth=2',  # the multi-process path is the same at any depth; compiles faster
+  '--config.predictor.depth=1',
   '--config.eval.probe=False',
   '--config.log_every_steps=1',
 ]
