@@ -148,3 +148,15 @@ def test_no_module_is_too_long():
     if (n := len(p.read_text().splitlines())) > 450
   }
   assert not long, f'modules over 450 lines: {long}'
+
+
+def test_no_function_is_too_long():
+  # ~80 lines, docstring included: a function that fits on a screen or two.
+  long = {}
+  for p in PACKAGE.rglob('*.py'):
+    for node in ast.walk(ast.parse(p.read_text(), str(p))):
+      if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        n = node.end_lineno - node.lineno + 1
+        if n > 80:
+          long[f'{_module_name(p)}.{node.name}'] = n
+  assert not long, f'functions over 80 lines: {long}'
