@@ -127,13 +127,17 @@ class VisionTransformer(nn.Module):
     self.blocks = nn.ModuleList([Block(dim, heads, hidden, checkpoint) for _ in range(depth)])
     self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-  def forward(self, x, masks=None):
+  def forward(self, x, masks=None, K=1):  # noqa: N803 (the official argument name)
+    """StoP's `K`: the mean of the last K blocks' outputs, each after the final norm."""
     x = self.patch_embed(x) + self.pos_embed  # [B, N, D]
     if masks is not None:
       x = apply_masks(x, masks)
-    for blk in self.blocks:
+    last = []
+    for i, blk in enumerate(self.blocks):
       x = blk(x)
-    return self.norm(x)
+      if i >= len(self.blocks) - K:
+        last.append(self.norm(x))
+    return sum(last) / len(last)
 
 
 class Predictor(nn.Module):
@@ -158,13 +162,16 @@ class Predictor(nn.Module):
     self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
     self.predictor_proj = nn.Linear(dim, embed_dim)
 
-  def forward(self, x_enc, masks_x, masks, noise=None):
+  def forward(self, x_enc, masks_x, masks, noise=None, ctx_noise=None):
     """x_enc [B, Kc, De]; masks_x: [[B, Kc]]; masks: n x [B, Kt]; noise: n x [B, Kt, De] (given
     noise wins; else N(0, sigma^2) from torch's global generator when `sigma` is set; else the
-    mask token). Returns [n * B, Kt, De]."""
+    mask token). ctx_noise [B, Kc, De]: the paper's context-noise ablation (not in the official
+    code), c_i = A (s_i + n_i) + b + psi_i. Returns [n * B, Kt, De]."""
     if len(masks_x) != 1:
       # The official code folds several context masks into the batch; StoP trains with one.
       raise ValueError(f'{len(masks_x)} context masks: this reference takes one context mask.')
+    if ctx_noise is not None:
+      x_enc = x_enc + ctx_noise
     x = self.predictor_embed(x_enc)  # [B, Kc, Dp]
     b, n_ctx, _ = x.shape
     x = x + apply_masks(self.predictor_pos_embed.repeat(b, 1, 1), masks_x)

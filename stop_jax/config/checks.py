@@ -17,8 +17,10 @@ from stop_jax.config.schema import (
   EVAL_PROTOCOLS,
   EVAL_SOURCES,
   FEATURE_TYPES,
+  GRAD_CLIP_SCOPES,
   INTERPOLATIONS,
   MASK_MODES,
+  MULTI_LAYER_TARGETS,
   STOP_MODES,
   VIT_VARIANTS,
   vit_shape,
@@ -138,6 +140,12 @@ def _check_loss(config: ml_collections.ConfigDict):
     config.loss.num_target_layers,
     f'in [1, depth={depth}]',
   )
+  _check(
+    config.loss.multi_layer_target in MULTI_LAYER_TARGETS,
+    'loss.multi_layer_target',
+    config.loss.multi_layer_target,
+    f'one of {MULTI_LAYER_TARGETS}',
+  )
 
 
 def _check_optim(config: ml_collections.ConfigDict):
@@ -154,6 +162,19 @@ def _check_optim(config: ml_collections.ConfigDict):
     _check(o[key] >= 0, f'optim.{key}', o[key], '>= 0')
   _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, 'optim.b1/b2', (o.b1, o.b2), 'in [0, 1)')
   _check(o.grad_clip_norm >= 0, 'optim.grad_clip_norm', o.grad_clip_norm, '>= 0 (0 = off)')
+  _check(
+    o.grad_clip_scope in GRAD_CLIP_SCOPES,
+    'optim.grad_clip_scope',
+    o.grad_clip_scope,
+    f'one of {GRAD_CLIP_SCOPES}',
+  )
+  for key in ('constant_lr_after_epoch', 'constant_wd_after_epoch'):
+    _check(
+      o[key] == -1 or 0 <= o[key] <= o.epochs * o.ipe_scale,
+      f'optim.{key}',
+      o[key],
+      '-1 (never) or in [0, epochs * ipe_scale]',
+    )
   _check(
     0 <= o.ema_start <= o.ema_end <= 1,
     'optim.ema_start/ema_end',

@@ -93,12 +93,25 @@ def _mask() -> ml_collections.ConfigDict:
   return k
 
 
+MULTI_LAYER_TARGETS = ('norm_of_mean', 'mean_of_norms')
+
+
 def _loss() -> ml_collections.ConfigDict:
   """The regression loss between predictions and target-encoder features."""
   loss = ml_collections.ConfigDict()
   loss.type = 'smooth_l1'  # smooth_l1 (official, beta 1) | l2.
-  loss.num_target_layers = 1  # Targets = mean of the last K blocks' layer-normed outputs.
+  # Targets from the last K blocks of the target encoder (K = 1 in every official config), each
+  # block output after the encoder's final norm, combined as `multi_layer_target` says.
+  loss.num_target_layers = 1
+  # One of MULTI_LAYER_TARGETS (only used when K > 1):
+  #   norm_of_mean   LN(mean_k norm(x_k)): the official StoP code (LayerNorm after averaging);
+  #   mean_of_norms  mean_k LN(norm(x_k)): each block layer-normed, then averaged.
+  # LN is the parameter-free LayerNorm of the targets (eps 1e-5).
+  loss.multi_layer_target = 'norm_of_mean'
   return loss
+
+
+GRAD_CLIP_SCOPES = ('encoder', 'all')
 
 
 def _optim() -> ml_collections.ConfigDict:
@@ -110,12 +123,19 @@ def _optim() -> ml_collections.ConfigDict:
   o.start_lr = 2e-4
   o.lr = 8e-4
   o.final_lr = 1e-6
-  o.constant_lr_after_epoch = -1.0  # StoP ViT-H: 250 (LR held constant afterwards).
+  # From this epoch on the LR keeps its value at the epoch's first step (-1 = never). Official
+  # `fix_lr_thres` with `fix_lr_strategy: const`; StoP ViT-H: 250.
+  o.constant_lr_after_epoch = -1.0
   o.weight_decay = 0.04
   o.final_weight_decay = 0.4
+  # The same hold for the weight decay (official `fix_wd_thres`, `const`; StoP ViT-H: 250).
+  o.constant_wd_after_epoch = -1.0
   o.b1 = 0.9
   o.b2 = 0.999
-  o.grad_clip_norm = 0.0  # 0 = no clipping (official).
+  o.grad_clip_norm = 0.0  # Global-norm clipping threshold; 0 = no clipping (every official yaml).
+  # What the clipping covers: encoder (official: `clip_grad_norm_(encoder.parameters())`, the
+  # predictor is never clipped) | all (encoder and predictor under one global norm).
+  o.grad_clip_scope = 'encoder'
   o.ema_start = 0.996
   o.ema_end = 1.0
   return o

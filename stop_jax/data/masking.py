@@ -26,14 +26,17 @@ so the token count changes from step to step; under jit each new count would rec
 step. Here every row has exactly K_ctx context slots and K_tgt slots per target block. An image
 with more tokens is truncated (see the modes); one with fewer is padded: padded slots repeat the
 row's first valid index (safe to gather) and are marked invalid, and valid slots always come first.
-By default K is what the official code keeps on average: the mean over batches of the batch-minimum
-count at 64 images per device (`official_token_counts`), about 53 context / 33 target tokens at
-224/16 and 72 / 44 at 224/14 (our 200-batch estimate gives 71 there; 5000 batches give 72.5). The
-average number of tokens a step trains on thus matches the official recipe, while the per-image
-count is no longer tied to the smallest mask of the batch. Padding is masked out downstream
-(`*_valid`): at 224/16 about 0.1% of context slots are padding; since all target blocks of a batch
-share one size, a batch whose block is smaller than K_tgt pads every target (about 3.5% of target
-slots overall).
+Padding is masked out downstream (`*_valid`).
+
+By default K is the official average, rounded: the mean over batches of the batch-minimum count
+at 64 images per device (`official_token_counts`): 53 context / 33 target slots at 224/16, 72 / 44
+at 224/14. The step does not see that average, though. The context count is close (a context
+block is almost never below K_ctx). Target blocks are not: all target blocks of a batch share one
+size T, a batch with T < K_tgt pads every target and one with T > K_tgt truncates them, so the step
+sees E[min(T, K_tgt)] valid target tokens per block, a few percent below the official E[T].
+`token_statistics` measures both; the run logs them and saves them in plan.json ('mask_tokens').
+Raise `mask.num_target_tokens` to the largest block size to keep every target token (more
+compute, more padding).
 
 Everything random comes from a numpy Generator seeded by (seed, step): every host of a multi-host
 job samples the same global batch and takes its own rows.
@@ -168,6 +171,21 @@ def sample_block_masks(
   return ctx, _boxes(t_top, t_left, t_size, spec.grid)
 
 
+def _official_means(
+  spec: MaskSpec, batch_size: int, num_batches: int, seed: int
+) -> tuple[float, float]:
+  """Mean over batches of the batch-minimum context count and of the target block size, as the
+  official sampler (spec.mode must be 'official') and its truncation to the batch minimum give."""
+  rng = np.random.default_rng(seed)
+  ctx_min = np.empty(num_batches)
+  tgt_min = np.empty(num_batches)
+  for i in range(num_batches):
+    t_size, _, _, ctx = _sample_blocks(spec, rng, batch_size)
+    ctx_min[i] = ctx.sum(-1).min()
+    tgt_min[i] = t_size[0] * t_size[1]  # every target block of a batch has this many tokens
+  return float(ctx_min.mean()), float(tgt_min.mean())
+
+
 def official_token_counts(
   grid: tuple[int, int],
   num_targets: int = 4,
@@ -193,14 +211,38 @@ def official_token_counts(
     min_keep=min_keep,
     mode='official',
   )
-  rng = np.random.default_rng(seed)
-  ctx_min = np.empty(num_batches)
-  tgt_min = np.empty(num_batches)
-  for i in range(num_batches):
-    t_size, _, _, ctx = _sample_blocks(spec, rng, batch_size)
-    ctx_min[i] = ctx.sum(-1).min()
-    tgt_min[i] = t_size[0] * t_size[1]  # every target block of a batch has this many tokens
-  return int(round(ctx_min.mean())), int(round(tgt_min.mean()))
+  ctx, tgt = _official_means(spec, batch_size, num_batches, seed)
+  return int(round(ctx)), int(round(tgt))
+
+
+def token_statistics(
+  spec: MaskSpec, batch_size: int = 64, num_batches: int = 200, seed: int = 0
+) -> dict[str, float | None]:
+  """What the step sees against what the official code trains on, per image (plan.json, log).
+
+  Returns the slots (K_ctx, K_tgt), the mean number of valid tokens in them under `spec`
+  (padding excluded: a target block smaller than K_tgt pads, a larger one is truncated, so the
+  valid mean is E[min(T, K_tgt)], below E[T]), and the official means (`_official_means`; None
+  on a grid too small for the official sampler).
+  """
+  ctx_valid, tgt_valid = [], []
+  for step in range(num_batches):
+    m = sample_masks(spec, seed, step, batch_size)
+    ctx_valid.append(m['ctx_valid'].sum(-1).mean())
+    tgt_valid.append(m['tgt_valid'].sum(-1).mean())
+  try:
+    official = dataclasses.replace(spec, mode='official')
+    off_ctx, off_tgt = _official_means(official, batch_size, num_batches, seed)
+  except ValueError:  # a grid too small for the official sampler's blocks: no official figure
+    off_ctx = off_tgt = None
+  return {
+    'context_slots': spec.num_context_tokens,
+    'context_valid': float(np.mean(ctx_valid)),
+    'official_context': off_ctx,
+    'target_slots': spec.num_target_tokens,
+    'target_valid': float(np.mean(tgt_valid)),
+    'official_target': off_tgt,
+  }
 
 
 def spec_from_config(config) -> MaskSpec:

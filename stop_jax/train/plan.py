@@ -23,6 +23,9 @@ class RunPlan:
   steps_per_epoch: int
   total_steps: int
   mask_spec: masking.MaskSpec
+  # Per image: slots, mean valid tokens the step sees and the official means
+  # (`masking.token_statistics`).
+  mask_tokens: dict
   schedules: Schedules
 
   def to_json_dict(self) -> dict:
@@ -42,23 +45,34 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
   total = config.total_steps
   if total <= 0:
     total = int(config.optim.epochs * steps_per_epoch)
+  spec = masking.spec_from_config(config)
   return RunPlan(
     n,
     steps_per_epoch,
     total,
-    masking.spec_from_config(config),
+    spec,
+    masking.token_statistics(spec),
     Schedules.from_config(config, steps_per_epoch),
   )
 
 
 def log_plan(plan: RunPlan):
-  m = plan.mask_spec
+  t = plan.mask_tokens
   logging.info(
-    'plan: %d examples, %d steps/epoch, %d steps, tokens per image: %d context, %d x %d target',
+    'plan: %d examples, %d steps/epoch, %d steps; tokens per image: %d context slots (%.1f valid'
+    ' on average, official %s), %d x %d target slots (%.1f valid per block, official %s)',
     plan.num_train_examples,
     plan.steps_per_epoch,
     plan.total_steps,
-    m.num_context_tokens,
-    m.num_targets,
-    m.num_target_tokens,
+    t['context_slots'],
+    t['context_valid'],
+    _figure(t['official_context']),
+    plan.mask_spec.num_targets,
+    t['target_slots'],
+    t['target_valid'],
+    _figure(t['official_target']),
   )
+
+
+def _figure(value) -> str:
+  return 'n/a' if value is None else f'{value:.1f}'

@@ -43,12 +43,44 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def clip_mask(params, scope: str):
+  """Which leaves the gradient clipping covers: the encoder only (official) or everything."""
+  return {
+    part: jax.tree.map(lambda _, on=(scope == 'all' or part == 'encoder'): on, tree)
+    for part, tree in params.items()
+  }
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch's `clip_grad_norm_`: g <- g * min(1, max_norm / (||g|| + 1e-6)).
+
+  The 1e-6 is torch's; `optax.clip_by_global_norm` has none, which shifts the clipped update by
+  1e-6 / ||g|| relative (a visible difference when gradient norms are small).
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW (+ optional global-norm clipping) whose lr and wd the step sets from the schedules."""
+  """AdamW (+ optional global-norm clipping) whose lr and wd the step sets from the schedules.
+
+  Clipping (optim.grad_clip_norm > 0) rescales the gradients of the leaves `clip_mask` selects
+  by their own global norm, as the official `clip_grad_norm_(encoder.parameters(), clip)`: by
+  default the predictor's gradients are never clipped.
+  """
   o = config.optim
 
   def chain(learning_rate, weight_decay):
-    parts = [optax.clip_by_global_norm(o.grad_clip_norm)] if o.grad_clip_norm > 0 else []
+    parts = []
+    if o.grad_clip_norm > 0:
+      clip = clip_by_global_norm(o.grad_clip_norm)
+      scope = o.grad_clip_scope
+      parts.append(clip if scope == 'all' else optax.masked(clip, lambda p: clip_mask(p, scope)))
     parts.append(
       optax.adamw(
         learning_rate, b1=o.b1, b2=o.b2, eps=1e-8, weight_decay=weight_decay, mask=decay_mask
@@ -143,11 +175,14 @@ def layer_norm(x, eps: float = 1e-5):
   return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def target_features(encoder, target_params, images, num_layers: int = 1):
-  """Layer-normed target-encoder features of all tokens, averaged over the last K blocks.
+def target_features(encoder, target_params, images, num_layers: int = 1, combine='norm_of_mean'):
+  """Layer-normed target-encoder features of all tokens, from the last `num_layers` blocks.
 
-  K=1 is the official target: layer_norm(target_encoder(images)). For K>1 every block output
-  gets the encoder's final norm and then the parameter-free one before averaging.
+  K = 1 is the official target: LN(target_encoder(images)), LN the parameter-free `layer_norm`.
+  For K > 1 each of the last K block outputs gets the encoder's final norm, then (`combine`,
+  config loss.multi_layer_target):
+    norm_of_mean   LN(mean_k norm(x_k)), the official StoP code;
+    mean_of_norms  mean_k LN(norm(x_k)).
 
   Returns:
     float32 [B, N, D], with no gradient.
@@ -156,7 +191,11 @@ def target_features(encoder, target_params, images, num_layers: int = 1):
     out = layer_norm(encoder.apply({'params': target_params}, images))
   else:
     _, blocks = encoder.apply({'params': target_params}, images, return_blocks=True)
-    out = jnp.mean(layer_norm(blocks[-num_layers:]), axis=0)
+    last = blocks[-num_layers:].astype(jnp.float32)  # [K, B, N, D], each after the final norm
+    if combine == 'norm_of_mean':
+      out = layer_norm(jnp.mean(last, axis=0))
+    else:
+      out = jnp.mean(layer_norm(last), axis=0)
   return jax.lax.stop_gradient(out)
 
 
@@ -222,6 +261,17 @@ def make_loss_fn(config, encoder, predictor):
   return loss_fn
 
 
+# The step's random streams: each is `stream_key(rng, step, stream)`, so a resumed run draws
+# exactly what an uninterrupted one would.
+STOP_STREAM, EMA_STREAM = 0, 1
+
+
+def stream_key(rng: jax.Array, step, stream: int) -> jax.Array:
+  """The key of one stream (`STOP_STREAM`: the StoP noise; `EMA_STREAM`: the bf16 EMA rounding)
+  at one step, from the run's step key."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), stream)
+
+
 def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng):
   """The optimiser step at the scheduled lr / wd, then the EMA target; both dropped if the
   total loss or the gradients are not finite. rng: the step's key (as `train_step`'s).
@@ -238,7 +288,7 @@ def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng)
   params = optax.apply_updates(state.params, updates)
   # EMA target after the optimiser step, as the official code: t <- m t + (1 - m) p.
   momentum = schedules.momentum(step)
-  ema_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 1)  # the 'ema' stream
+  ema_rng = stream_key(rng, step, EMA_STREAM)
   target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
   grad_norm = optax.tree.norm(grads)
   # A non-finite loss or gradient never reaches the state: the update is dropped (the step
@@ -270,12 +320,15 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
           'tgt_idx': int [n, B, Kt], 'tgt_valid': bool [n, B, Kt]}.
   """
   num_target_layers = config.loss.num_target_layers
+  combine = config.loss.multi_layer_target
   loss_fn = make_loss_fn(config, encoder, predictor)
 
   def train_step(state: TrainState, batch, rng):
     step = state.step
-    stop_rng = jax.random.fold_in(jax.random.fold_in(rng, step), 0)  # the 'stop' stream
-    feats = target_features(encoder, state.target_params, batch['image'], num_target_layers)
+    stop_rng = stream_key(rng, step, STOP_STREAM)
+    feats = target_features(
+      encoder, state.target_params, batch['image'], num_target_layers, combine
+    )
     targets = gather_targets(feats, batch['tgt_idx'])  # [n, B, Kt, D]
     (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, targets, stop_rng

@@ -32,7 +32,7 @@ FREE_KEYS = {
   'checkpoint.allow_config_change',
 }
 # Numbers that validate does not check today (a bad value fails later, where it is used).
-UNCHECKED_NUMBERS = {'optim.constant_lr_after_epoch', 'eval.probe_max_examples'}
+UNCHECKED_NUMBERS = {'eval.probe_max_examples'}
 
 
 class _Recorder:

@@ -252,6 +252,50 @@ def test_learned_positions_are_a_parameter():
   assert params['predictor_pos_embed'].shape == (16, 16)
 
 
+def test_learned_position_table_is_the_one_the_predictor_uses():
+  pred = _predictor('off', pos_embed='learned')
+  params = _init('off', pos_embed='learned')
+  out = lambda p: pred.apply({'params': p}, CTX, CTX_IDX, TGT_IDX, deterministic=True)  # noqa: E731
+  # With the sin-cos table put into the learned slot, it computes the sin-cos predictor.
+  sincos = _predictor('off').apply(
+    {'params': {k: v for k, v in params.items() if k != 'predictor_pos_embed'}},
+    CTX,
+    CTX_IDX,
+    TGT_IDX,
+    deterministic=True,
+  )
+  table = jnp.asarray(sincos_2d(4, 4, 16))
+  np.testing.assert_allclose(out({**params, 'predictor_pos_embed': table}), sincos, atol=1e-5)
+  assert float(jnp.abs(out(params) - sincos).max()) > 1e-3
+  grad = jax.grad(lambda p: jnp.sum(out(p) ** 2))(params)['predictor_pos_embed']
+  assert float(jnp.abs(grad).max()) > 0
+
+
+def _noise_and_ratio(mode):
+  """The noise our predictor drew and its noise-to-position stat, for one key."""
+  pred = _predictor(mode)
+  params = _init(mode)
+  _, state = _run(pred, params, CTX, jax.random.key(4), mutable=['intermediates', 'stats'])
+  return params, state['intermediates']['noise'][0], float(state['stats']['noise_to_pos'])
+
+
+def test_untied_noise_goes_through_its_own_matrix_and_fixed_cov_is_drawn_at_d_p():
+  psi = jnp.take(jnp.asarray(sincos_2d(4, 4, 16)), TGT_IDX, axis=0)
+  rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.sum(jnp.square(x), -1))))  # noqa: E731
+  params, noise, _ = _noise_and_ratio('untied')
+  assert noise.shape == (2, 2, 2, 32)  # n_j at d_e
+  # The noise reaches the masked tokens through A' only: with A' = 0 the predictor is the
+  # noiseless one, whatever A is (a predictor that reused A would still be noisy).
+  pred = _predictor('untied')
+  zero = {**params, 'noise_proj': {'kernel': jnp.zeros_like(params['noise_proj']['kernel'])}}
+  quiet = pred.apply({'params': zero}, CTX, CTX_IDX, TGT_IDX, deterministic=True)
+  np.testing.assert_allclose(_run(pred, zero, CTX, jax.random.key(4)), quiet, atol=1e-6)
+  assert float(jnp.abs(_run(pred, params, CTX, jax.random.key(4)) - quiet).max()) > 1e-4
+  _, noise, ratio = _noise_and_ratio('fixed_cov')
+  assert noise.shape == (2, 2, 2, 16)  # e_j at d_p, added without any matrix
+  assert ratio == pytest.approx(rms(noise) / rms(psi), rel=1e-5)
+
+
 def test_noise_to_position_ratio_scales_with_sigma():
   ratios = []
   for sigma in (0.25, 1.0):

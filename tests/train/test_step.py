@@ -57,9 +57,12 @@ def test_learning_rate_closed_form():
 
 def test_constant_lr_tail():
   s = _sched(constant_lr_after_epoch=5)
-  held = float(s.learning_rate(50))
-  assert float(s.learning_rate(80)) == pytest.approx(held)
-  assert float(s.learning_rate(49)) > held  # still decaying before the threshold
+  # Official: from scheduler step t = 50 (optimiser step 49) on, the value at t = 50.
+  held = float(s.learning_rate(49))
+  assert held == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 30 / 80)), rel=1e-6)
+  assert float(s.learning_rate(50)) == held
+  assert float(s.learning_rate(80)) == held
+  assert float(s.learning_rate(48)) > held  # still decaying before the threshold
 
 
 def test_weight_decay_and_momentum_closed_form():
@@ -184,21 +187,33 @@ def test_padded_target_slots_do_not_count_in_the_loss():
   assert float(step_lib.prediction_loss(pred, target, valid, 'l2')) == pytest.approx(1.0)
 
 
-def test_target_features_average_the_last_k_normed_blocks():
+def test_multi_layer_targets_layer_norm_the_mean_of_the_normed_blocks():
   c = _config()
   enc = models.build_encoder(c)
   images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   # Jitted: a few compiles instead of hundreds of eager ops.
   params = jax.jit(lambda k, x: nn.unbox(enc.init(k, x)['params']))(jax.random.key(1), images)
-  features = jax.jit(lambda p, x, k: step_lib.target_features(enc, p, x, k), static_argnums=2)
-  one = features(params, images, 1)
+  # Blocks that change the tokens and a final norm with a non-trivial affine part (as after
+  # training), so that the two formulas differ.
+  params['blocks'] = jax.tree.map(lambda w: 20 * w if w.ndim > 2 else w, params['blocks'])
+  k1, k2 = jax.random.split(jax.random.key(2))
+  params['norm'] = {
+    'scale': 1 + jax.random.normal(k1, params['norm']['scale'].shape),
+    'bias': jax.random.normal(k2, params['norm']['bias'].shape),
+  }
+  features = jax.jit(step_lib.target_features, static_argnums=(0, 3, 4))
+  one = features(enc, params, images, 1, 'norm_of_mean')
   np.testing.assert_allclose(one.mean(-1), 0, atol=1e-5)
-  np.testing.assert_allclose(one.std(-1), 1, atol=1e-3)
+  np.testing.assert_allclose(one.std(-1), 1, atol=1e-2)
   _, blocks = jax.jit(lambda p, x: enc.apply({'params': p}, x, return_blocks=True))(params, images)
-  two = features(params, images, 2)
-  np.testing.assert_allclose(
-    two, (step_lib.layer_norm(blocks[0]) + step_lib.layer_norm(blocks[1])) / 2, atol=1e-5
-  )
+  # Official (StoP `VisionTransformer.forward(K)` then `F.layer_norm`): LN(mean_k norm(x_k)).
+  ln = step_lib.layer_norm
+  official = features(enc, params, images, 2, 'norm_of_mean')
+  np.testing.assert_allclose(official, ln((blocks[0] + blocks[1]) / 2), atol=1e-5)
+  other = features(enc, params, images, 2, 'mean_of_norms')
+  np.testing.assert_allclose(other, (ln(blocks[0]) + ln(blocks[1])) / 2, atol=1e-5)
+  # The two formulas really differ here, so the test can tell them apart.
+  assert float(jnp.max(jnp.abs(official - other))) > 1e-2
 
 
 def test_l1_penalty_adds_to_the_loss(one_step):
@@ -207,3 +222,82 @@ def test_l1_penalty_adds_to_the_loss(one_step):
   assert float(metrics['total_loss'] - metrics['loss']) == pytest.approx(
     1e-3 * np.abs(a).sum(), rel=1e-4
   )
+
+
+# ---- each piece of the math against hand-computed values --------------------------------------
+
+
+def test_smooth_l1_is_huber_with_beta_one_averaged_over_valid_tokens_and_features():
+  # |d| below and above 1 (where smooth-L1 and half-MSE differ), and two blocks with 2 and 1
+  # valid tokens: a mean over all valid elements weighs the tokens, not the blocks.
+  pred = jnp.array([[[[0.5, 3.0], [0.0, 0.0]]], [[[-2.0, 0.2], [9.0, 9.0]]]])  # [n=2, B=1, 2, 2]
+  target = jnp.zeros_like(pred)
+  valid = jnp.array([[[True, False]], [[True, True]]])
+  # Elements: 0.5 -> 0.125, 3 -> 2.5 | -2 -> 1.5, 0.2 -> 0.02 | 9 -> 8.5, 9 -> 8.5; 3 tokens x 2.
+  smooth = (0.125 + 2.5 + 1.5 + 0.02 + 8.5 + 8.5) / 6
+  assert float(step_lib.prediction_loss(pred, target, valid)) == pytest.approx(smooth, rel=1e-6)
+  mse = (0.25 + 9 + 4 + 0.04 + 81 + 81) / 6
+  assert float(step_lib.prediction_loss(pred, target, valid, 'l2')) == pytest.approx(mse, rel=1e-6)
+
+
+def test_a_penalty_is_the_sum_of_abs_or_squares():
+  a = jnp.array([[0.5, -2.0], [3.0, 0.1]])
+  assert float(step_lib.a_penalty(a, 'l1')) == pytest.approx(5.6)
+  assert float(step_lib.a_penalty(a, 'l2')) == pytest.approx(0.25 + 4 + 9 + 0.01)
+  assert float(step_lib.a_penalty(a, 'none')) == 0.0
+
+
+def test_adamw_decays_kernels_and_the_mask_token_but_not_biases_or_norm_scales():
+  c = _config()
+  c.stop.mode = 'off'
+  enc, pred = models.build_encoder(c), models.build_predictor(c)
+  params = jax.jit(lambda k: step_lib.init_params(enc, pred, c, k))(jax.random.key(0))
+  params = jax.tree.map(lambda p: p + 0.5, params)  # no zero leaf: decay shows on every one
+  tx = step_lib.make_optimizer(c)
+  opt = tx.init(params)
+  opt.hyperparams['learning_rate'] = jnp.asarray(1.0)
+  opt.hyperparams['weight_decay'] = jnp.asarray(0.1)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, opt, params)  # zero gradients: only the decoupled decay moves
+  flat = dict(jax.tree_util.tree_flatten_with_path(updates)[0])
+  for path, u in flat.items():
+    p = params
+    for k in path:
+      p = p[k.key]
+    decayed = path[-1].key not in ('bias', 'scale')
+    np.testing.assert_allclose(u, -0.1 * p if decayed else 0.0, rtol=1e-6, err_msg=str(path))
+
+
+def test_clipping_covers_the_encoder_only_by_default_with_torchs_epsilon():
+  params = {'encoder': {'w': jnp.ones(3)}, 'predictor': {'w': jnp.ones(4)}}
+  grads = {'encoder': {'w': jnp.full(3, 4.0)}, 'predictor': {'w': jnp.full(4, 5.0)}}
+  enc_norm = 4.0 * np.sqrt(3)
+  scaled = step_lib.clip_by_global_norm(1.0).update(grads['encoder'], None)[0]
+  np.testing.assert_allclose(scaled['w'], 4.0 / (enc_norm + 1e-6), rtol=1e-6)
+  mask = step_lib.clip_mask(params, 'encoder')
+  assert mask == {'encoder': {'w': True}, 'predictor': {'w': False}}
+  assert step_lib.clip_mask(params, 'all') == {'encoder': {'w': True}, 'predictor': {'w': True}}
+
+
+def test_no_gradient_reaches_the_target_branch():
+  c = _config()
+  enc = models.build_encoder(c)
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  params = jax.jit(lambda k, x: nn.unbox(enc.init(k, x)['params']))(jax.random.key(1), images)
+  for k in (1, 2):
+    grads = jax.grad(lambda p, k=k: jnp.sum(step_lib.target_features(enc, p, images, k) ** 3))(
+      params
+    )
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads)), k
+
+
+def test_bf16_ema_rounds_stochastically_and_tracks_the_float32_ema():
+  # A per-step change far below bf16's resolution at 1.0 (2**-7): round-to-nearest would leave
+  # the target at exactly 1.0 forever; stochastic rounding moves it by the right amount on average.
+  target = {'w': jnp.ones((100_000,), jnp.bfloat16)}
+  online = {'w': jnp.full((100_000,), 1.0 + 2**-9, jnp.float32)}
+  new = step_lib.ema_update(target, online, 0.5, jax.random.key(0))['w']
+  assert new.dtype == jnp.bfloat16
+  values = np.unique(np.asarray(new, np.float32))
+  np.testing.assert_array_equal(values, [1.0, 1.0 + 2**-7])  # the two neighbours only
+  assert float(jnp.mean(new.astype(jnp.float32))) == pytest.approx(1.0 + 2**-10, abs=3e-5)

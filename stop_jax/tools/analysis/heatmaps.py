@@ -87,8 +87,9 @@ def predict_masked_tokens(
 def image_tokens(run: Run, image) -> np.ndarray:
   """The training targets of every patch: layer-normed target-encoder features, [h * w, d_e]."""
   images = jnp.asarray(image, jnp.float32)[None]
+  loss = run.config.loss
   feats = step_lib.target_features(
-    run.encoder, run.target_params, images, run.config.loss.num_target_layers
+    run.encoder, run.target_params, images, loss.num_target_layers, loss.multi_layer_target
   )
   return np.asarray(feats[0], np.float32)
 
