@@ -235,7 +235,7 @@ def run_pair(setting: Setting) -> dict:
     batch = {'image': jnp.asarray(images), **{k: jnp.asarray(v) for k, v in masks[t].items()}}
     stop_rng = step_lib.stream_key(rng, t, step_lib.STOP_STREAM)
     noise, ctx_noise = jax.tree.map(
-      np.asarray, draw_noise(state.params['predictor'], batch, stop_rng)
+      np.array, draw_noise(state.params['predictor'], batch, stop_rng)
     )
     if noise is not None:
       noise_std.append(float(noise.std()))
