@@ -7,12 +7,13 @@
 # The device mesh spans every visible GPU (or those of --gpus, via CUDA_VISIBLE_DEVICES) and
 # XLA moves the data between them over NVLink/PCIe with NCCL; no jax.distributed start-up is
 # needed for one process. JAX_PLATFORMS=cuda makes a missing GPU an error instead of a silent
-# CPU run. Several nodes: launch/slurm.sbatch.
+# CPU run. WORKDIR: a directory, or a gs://BUCKET/PATH passed to the run unchanged. Several
+# nodes: launch/slurm.sbatch.
 set -euo pipefail
 
 prog=$(basename "$0")
 usage() {
-  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 { if (!/^#/ || /^#SBATCH/) exit; sub(/^# ?/, ""); print }' "$0"
 }
 
 die() {
@@ -62,5 +63,8 @@ if [ "$dry_run" = 1 ]; then
 fi
 command -v nvidia-smi >/dev/null || die 'no NVIDIA driver here (nvidia-smi not found); on a CPU use launch/single_host.sh'
 echo "$prog: $(nvidia-smi -L | wc -l) GPUs on this machine${gpus:+, using $gpus}" >&2
-mkdir -p "$workdir"
+case "$workdir" in
+  *://*) ;; # gs://... goes to the run as it is (orbax and tf.io.gfile write there)
+  *) mkdir -p "$workdir" ;;
+esac
 exec "${cmd[@]}"

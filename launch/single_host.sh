@@ -4,13 +4,14 @@
 #   launch/single_host.sh [--dry_run] CONFIG WORKDIR [--config.key=value ...]
 #   launch/single_host.sh configs/vitb16.py /data/runs/vitb16 --config.data.data_dir=/data/tfds
 #
+# WORKDIR: a directory, or a gs://BUCKET/PATH passed to the run unchanged.
 # Pinned to GPUs: launch/multi_gpu.sh. Several hosts: launch/tpu_pod.sh (Cloud TPU VM pods) and
 # launch/slurm.sbatch (SLURM GPU clusters); see "Launching on pods and clusters" in the README.
 set -euo pipefail
 
 prog=$(basename "$0")
 usage() {
-  sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+  awk 'NR > 1 { if (!/^#/ || /^#SBATCH/) exit; sub(/^# ?/, ""); print }' "$0"
 }
 
 die() {
@@ -50,5 +51,8 @@ if [ "$dry_run" = 1 ]; then
   printf '\n'
   exit 0
 fi
-mkdir -p "$workdir"
+case "$workdir" in
+  *://*) ;; # gs://... goes to the run as it is (orbax and tf.io.gfile write there)
+  *) mkdir -p "$workdir" ;;
+esac
 exec "${cmd[@]}"

@@ -6,6 +6,10 @@ unknown key fails at once (the config is locked). All logic lives in `train/loop
 Multi-host: on TPU pods and under SLURM (srun) or Open MPI (mpirun) the processes find each
 other by themselves; elsewhere start one process per host with
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (see `distributed.py`).
+
+Exit status: 0 when the run finished; `distributed.PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL) when a
+SIGTERM stopped it after saving a checkpoint, i.e. "preempted: rerun the same command to resume";
+anything else is a failure.
 """
 
 import logging as py_logging
@@ -50,7 +54,7 @@ def _quiet_libraries(record) -> bool:
   return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
 
 
-def main(argv):
+def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_libraries)
@@ -63,7 +67,15 @@ def main(argv):
   if jax.process_index() != 0:
     # Every host runs the same loop: one voice is enough (warnings still come from all).
     logging.set_verbosity(logging.WARNING)
-  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if summary.get('preempted'):
+    logging.warning(
+      'exiting with status %d (preempted at step %d, checkpoint saved): rerun to resume',
+      distributed.PREEMPTED_EXIT_CODE,
+      summary['steps'],
+    )
+    return distributed.PREEMPTED_EXIT_CODE
+  return 0
 
 
 if __name__ == '__main__':

@@ -313,12 +313,20 @@ def _check_run_control(config: ml_collections.ConfigDict):
   _check(c.total_steps == -1 or c.total_steps > 0, 'total_steps', c.total_steps, '-1 or > 0')
 
 
-def _check_mesh(config: ml_collections.ConfigDict, num_devices: int):
-  """The mesh fits num_devices and the global batch splits over its batch-sharded axes."""
+def _check_mesh(config: ml_collections.ConfigDict, num_devices: int | None):
+  """The dcn axes are slice counts; with num_devices, the mesh fits them and the global batch
+  splits over its batch-sharded axes. (The slice count is checked where the devices are known:
+  sharding.make_mesh.)"""
+  for key in ('dcn_data', 'dcn_fsdp'):
+    value = config.mesh[key]
+    _check(value >= 1, f'mesh.{key}', value, 'a positive number of slices (1 = inside each slice)')
+  if num_devices is None:
+    return
   from stop_jax.runtime import sharding  # noqa: PLC0415 (sharding imports flax; keep this module light)
 
   try:
     data, fsdp, _ = sharding.mesh_shape(config, num_devices)
+    sharding.split_over_slices(config, num_devices)  # each dcn axis divides its mesh axis
   except sharding.MeshError as e:
     raise ConfigError(str(e)) from None
   batch = config.data.global_batch_size
@@ -345,5 +353,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check_eval(config)
   _check_checkpoint(config)
   _check_run_control(config)
-  if num_devices is not None:
-    _check_mesh(config, num_devices)
+  _check_mesh(config, num_devices)

@@ -7,7 +7,6 @@ runs a file of `configs/` as `--config=configs/NAME[:ARG]` does; `parse_arg` par
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pathlib
 
@@ -16,6 +15,7 @@ from absl import logging
 
 from stop_jax.config.checks import ConfigError
 from stop_jax.config.schema import base_config, lock
+from stop_jax.runtime import fileio
 
 
 def from_dict(values: dict, strict: bool = True) -> ml_collections.ConfigDict:
@@ -59,12 +59,13 @@ def from_dict(values: dict, strict: bool = True) -> ml_collections.ConfigDict:
 def load_json(directory: str, strict: bool = False) -> ml_collections.ConfigDict:
   """The locked config saved as `<directory>/config.json` by a run, an export or a conversion."""
   path = os.path.join(directory, 'config.json')
-  if not os.path.isfile(path):
+  try:
+    saved = fileio.read_json(path)  # local or an object store (gs://...)
+  except FileNotFoundError:
     raise FileNotFoundError(
       f'{path} not found: {directory!r} is not a run, export or converted-checkpoint directory.'
-    )
-  with open(path) as f:
-    return from_dict(json.load(f), strict=strict)
+    ) from None
+  return from_dict(saved, strict=strict)
 
 
 def parse_arg(arg: str | None, **defaults):

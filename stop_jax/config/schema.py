@@ -280,6 +280,11 @@ def _mesh() -> ml_collections.ConfigDict:
   mesh.data = -1
   mesh.fsdp = 1
   mesh.tensor = 1
+  # Multislice: how many slices (TPU slices joined over the data-center network) the data and
+  # fsdp axes span; the sizes above stay the global ones. dcn_data x dcn_fsdp must equal the
+  # slice count (each process counts as a slice on CPU/GPU); each must divide its axis. 1 = off.
+  mesh.dcn_data = 1
+  mesh.dcn_fsdp = 1
   return mesh
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Iterator
 
 import jax
@@ -33,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from stop_jax import config as config_lib
 from stop_jax.data import augment, decode, keys, probe_arrays, sources
+from stop_jax.runtime import fileio
 
 SOURCES = config_lib.EVAL_SOURCES
 LABELS = config_lib.EVAL_LABELS
@@ -205,7 +205,8 @@ def _folder_index(spec: EvalData) -> tuple[np.ndarray, np.ndarray, int]:
 
   Labels index the class_split's sorted classes.
   """
-  root, class_split = os.path.abspath(spec.data_dir), spec.class_split or spec.split
+  # resolve: absolute for a local folder, unchanged for gs:// (tf.io.gfile reads both).
+  root, class_split = fileio.resolve(spec.data_dir), spec.class_split or spec.split
   paths, labels = sources.folder_files(root, spec.split, class_split)
   return paths, labels, len(sources.folder_classes(root, class_split))
 

@@ -12,7 +12,6 @@ one needs neither torch nor the converter.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from stop_jax import config as config_lib
-from stop_jax.runtime import checkpointing
+from stop_jax.runtime import checkpointing, fileio
 
 # Marks a directory written by `write_converted` (beside config.json and checkpoints/0).
 CONVERSION_FILE = 'conversion.json'
@@ -31,15 +30,16 @@ def write_converted(output: str, config: ml_collections.ConfigDict, params: dict
   """Writes DIR/config.json, DIR/conversion.json and DIR/checkpoints/0 (see module docstring).
 
   Args:
-    output: the new directory DIR (refused if it already holds config.json or checkpoints).
+    output: the new directory DIR (refused if it already holds config.json or checkpoints); a
+      local path or an object store (gs://...).
     config: the config describing the converted model.
     params: a non-empty subset of {'encoder', 'predictor', 'target_encoder'}: param trees.
     info: what conversion.json records besides the parts (source file, checkpoint values).
   """
   for name in ('config.json', 'checkpoints'):
-    if os.path.exists(os.path.join(output, name)):
+    if fileio.exists(os.path.join(output, name)):
       raise FileExistsError(f'--output={output} already holds {name}: choose a new directory.')
-  os.makedirs(output, exist_ok=True)
+  fileio.makedirs(output)
   tree: dict[str, Any] = {'step': np.asarray(0, np.int32)}
   model = {p: params[p] for p in ('encoder', 'predictor') if p in params}
   if model:
@@ -49,7 +49,7 @@ def write_converted(output: str, config: ml_collections.ConfigDict, params: dict
   # The layout of a training run's checkpoints (checkpointing.STATE / META items), so every
   # tool that reads runs reads converted weights too.
   manager = ocp.CheckpointManager(
-    os.path.abspath(os.path.join(output, 'checkpoints')),
+    fileio.resolve(os.path.join(output, 'checkpoints')),
     item_names=(checkpointing.STATE, checkpointing.META),
     options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
   )
@@ -65,10 +65,10 @@ def write_converted(output: str, config: ml_collections.ConfigDict, params: dict
   )
   manager.wait_until_finished()
   manager.close()
-  with open(os.path.join(output, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(output, CONVERSION_FILE), 'w') as f:
-    json.dump({**info, 'parts': sorted(params)}, f, indent=2)
+  fileio.write_text(os.path.join(output, 'config.json'), config.to_json_best_effort(indent=2))
+  fileio.write_json(
+    os.path.join(output, CONVERSION_FILE), {**info, 'parts': sorted(params)}, indent=2
+  )
 
 
 def load_converted(directory: str) -> tuple[ml_collections.ConfigDict, dict[str, dict]]:

@@ -16,7 +16,7 @@ accept such a directory wherever they take a run's workdir.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 
 import flax.linen as nn
@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from stop_jax import config as config_lib
-from stop_jax.runtime import checkpointing
+from stop_jax.runtime import checkpointing, fileio
 
 PARAMS_FILE = 'encoder_params.npz'
 CONFIG_FILE = 'config.json'
@@ -56,7 +56,7 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
 
 
 def is_export_dir(directory: str) -> bool:
-  return os.path.exists(os.path.join(directory, INFO_FILE)) and os.path.exists(
+  return fileio.exists(os.path.join(directory, INFO_FILE)) and fileio.exists(
     os.path.join(directory, PARAMS_FILE)
   )
 
@@ -65,7 +65,8 @@ def save_exported(directory: str, config, params, info: dict | None = None) -> d
   """Writes params + config (+ info) in the export format; returns the info written.
 
   Also usable by importers of other checkpoints (e.g. the official PyTorch weights) so that
-  every tool reads one format.
+  every tool reads one format. `directory` may be local or an object store (gs://...); each
+  file is written atomically (`fileio`).
   """
   flat = flatten_params(params)
   dtypes = {k: str(v.dtype) for k, v in flat.items()}
@@ -78,15 +79,12 @@ def save_exported(directory: str, config, params, info: dict | None = None) -> d
     'dtypes': sorted(set(dtypes.values())),
     'bfloat16_params': sorted(k for k, d in dtypes.items() if d == _BFLOAT16),
   }
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, PARAMS_FILE + '.tmp')
-  with open(tmp, 'wb') as f:
-    np.savez(f, **stored)
-  os.replace(tmp, os.path.join(directory, PARAMS_FILE))
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(directory, INFO_FILE), 'w') as f:
-    json.dump(info, f, indent=2)
+  fileio.makedirs(directory)
+  buffer = io.BytesIO()
+  np.savez(buffer, **stored)
+  fileio.write_bytes(os.path.join(directory, PARAMS_FILE), buffer.getbuffer())
+  fileio.write_text(os.path.join(directory, CONFIG_FILE), config.to_json_best_effort(indent=2))
+  fileio.write_json(os.path.join(directory, INFO_FILE), info, indent=2)
   return info
 
 
@@ -100,12 +98,11 @@ def load_exported(directory: str) -> tuple[ml_collections.ConfigDict, dict]:
       f'{directory} is not an export directory (needs {PARAMS_FILE} and {INFO_FILE}); write one '
       'with `python -m stop_jax.eval.export --workdir=RUN`.'
     )
-  with open(os.path.join(directory, INFO_FILE)) as f:
-    info = json.load(f)
+  info = fileio.read_json(os.path.join(directory, INFO_FILE))
   if info.get('format') != FORMAT:
     raise ValueError(f'{directory}: format {info.get("format")!r}, this code reads {FORMAT!r}.')
   bf16 = set(info.get('bfloat16_params', ()))
-  with np.load(os.path.join(directory, PARAMS_FILE)) as data:
+  with np.load(io.BytesIO(fileio.read_bytes(os.path.join(directory, PARAMS_FILE)))) as data:
     flat = {k: (data[k].view(jax.numpy.bfloat16) if k in bf16 else data[k]) for k in data.files}
   return config_lib.load_json(directory), unflatten_params(flat)
 
@@ -118,7 +115,7 @@ def export(workdir: str, step: int | None = None, output: str | None = None) -> 
   output = output or os.path.join(workdir, 'export', f'step_{step}')
   if jax.process_index() == 0:
     info = save_exported(
-      output, config, params, {'source': os.path.abspath(workdir), 'step': int(step)}
+      output, config, params, {'source': fileio.resolve(workdir), 'step': int(step)}
     )
     logging.info(
       'exported the target encoder of %s step %d to %s: %.2fM params, %.1f MB',

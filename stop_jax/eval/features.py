@@ -13,17 +13,18 @@ Two feature types, as in the StoP / I-JEPA evaluations (VISSL protocol):
 Extraction is one jitted function with one static batch shape (the last batch is padded), the
 batch sharded over a 1-D 'data' mesh of all devices and the params replicated. Features are
 cached as npz files keyed by a hash of everything they depend on, so a second evaluation of the
-same checkpoint on the same data reads them back instead of re-running the encoder.
+same checkpoint on the same data reads them back instead of re-running the encoder (the cache
+directory may be local or an object store: `runtime/fileio.py`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 
 import flax.linen as nn
@@ -36,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from stop_jax import config as config_lib
 from stop_jax.data import batch as batch_lib
+from stop_jax.runtime import fileio, sharding
 
 FEATURE_TYPES = config_lib.FEATURE_TYPES
 NUM_LAST_LAYERS = 4
@@ -88,8 +90,8 @@ def pooled_features(
 
 
 def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh named 'data' over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  """A 1-D mesh named 'data' over every device of every process (and slice: multislice too)."""
+  return sharding.data_mesh()
 
 
 def padded_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -267,16 +269,10 @@ def cache_file(cache_dir: str, key: dict) -> str:
 
 
 def _write_npz(path: str, **arrays):
-  """Atomic: a reader never sees a half-written file (tmp in the same dir, then rename)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.remove(tmp)
-    raise
+  """Atomic: a reader never sees a half-written file (`fileio.write_bytes`)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  fileio.write_bytes(path, buffer.getbuffer())
 
 
 def cached_features(
@@ -304,8 +300,8 @@ def cached_features(
   files = {t: cache_file(cache_dir, keys[t]) for t in feature_types}
   feats, labels = {}, None
   for t, path in files.items():
-    if os.path.exists(path):
-      with np.load(path) as data:
+    if fileio.exists(path):
+      with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
         feats[t], labels = data['features'], data['labels']
       logging.info('features %s: read from cache %s', t, path)
   missing = tuple(t for t in feature_types if t not in feats)

@@ -9,14 +9,13 @@ seed; `result_name` names the result file WORKDIR/eval/<name>.json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import ml_collections
 
 from stop_jax import config as config_lib
 from stop_jax.eval import converted, export
-from stop_jax.runtime import checkpointing
+from stop_jax.runtime import checkpointing, fileio
 
 
 @dataclasses.dataclass
@@ -46,20 +45,19 @@ def _encoder_params(params: dict, path: str) -> dict:
 def load_model(path: str, step: int | None = None) -> LoadedModel:
   """Loads the target encoder of a run, an export or a converted official checkpoint."""
   # A converted directory also has checkpoints/0, so it is recognised first by its marker.
-  if os.path.exists(os.path.join(path, converted.CONVERSION_FILE)):
+  if fileio.exists(os.path.join(path, converted.CONVERSION_FILE)):
     return _load_converted(path, step)
-  if os.path.isdir(os.path.join(path, 'checkpoints')):
+  if fileio.isdir(os.path.join(path, 'checkpoints')):
     config = config_lib.load_json(path)
     step, tree = checkpointing.load_checkpoint(path, step)
     return LoadedModel(config, tree['target_params'], int(step), 'checkpoint', path)
   if export.is_export_dir(path):
     config, params = export.load_exported(path)
-    with open(os.path.join(path, export.INFO_FILE)) as f:
-      saved_step = json.load(f).get('step')
+    saved_step = fileio.read_json(os.path.join(path, export.INFO_FILE)).get('step')
     if step is not None and step != saved_step:
       raise ValueError(f'--step={step}, but the export in {path} holds step {saved_step}.')
     return LoadedModel(config, params, saved_step, 'export', path)
-  if not os.path.isdir(path):
+  if not fileio.isdir(path):
     raise FileNotFoundError(f'--workdir={path} does not exist.')
   raise FileNotFoundError(
     f'{path} is neither a run (no checkpoints/), an export (no {export.INFO_FILE}) nor a '
@@ -101,4 +99,4 @@ def result_name(config) -> str:
 
 def model_identity(model: LoadedModel) -> dict:
   """Where the params came from (source, absolute path, step): part of a feature-cache key."""
-  return {'source': model.source, 'path': os.path.abspath(model.path), 'step': model.step}
+  return {'source': model.source, 'path': fileio.resolve(model.path), 'step': model.step}

@@ -22,6 +22,7 @@ from stop_jax import config as config_lib
 from stop_jax import models
 from stop_jax.data import labelled
 from stop_jax.eval import evaluators, features, load
+from stop_jax.runtime import fileio
 
 
 def make_task(config: ml_collections.ConfigDict, model: load.LoadedModel, depth: int):
@@ -60,7 +61,7 @@ def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | N
     'protocol': e.protocol,
     'model': {
       'source': model.source,
-      'path': os.path.abspath(model.path),
+      'path': fileio.resolve(model.path),
       'step': model.step,
       'variant': config.model.variant,
       'width': encoder.width,
@@ -77,9 +78,7 @@ def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | N
   }
   path = os.path.join(workdir, 'eval', f'{name}.json')
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, 'w') as f:
-      json.dump(record, f, indent=2, default=_json_default)
+    fileio.write_text(path, json.dumps(record, indent=2, default=_json_default))
     print(summary_line(record, path), flush=True)
   return record
 

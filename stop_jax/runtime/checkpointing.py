@@ -13,6 +13,8 @@ Guarantees (tests/test_checkpointing.py and tests/test_fault_tolerance.py check 
 - A corrupt or partial latest checkpoint is detected at restore and the previous one is used,
   with a warning. A checkpoint of another model fails with the list of mismatched arrays.
 - Restores onto any mesh: arrays are read straight into the shardings of the current mesh.
+- Any workdir orbax reaches: a local or shared path, or an object store (gs://...). On object
+  stores orbax marks a finished step with a commit_success.txt file instead of the rename.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from stop_jax.runtime import fileio
 
 STATE, META = 'state', 'meta'
 
@@ -91,7 +95,7 @@ class Checkpointer:
     # The clock is read only at logging steps: with several hosts the decision is a broadcast,
     # and a collective on every step would sync the host with the devices each step.
     self.time_check_every = config.log_every_steps
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = fileio.resolve(os.path.join(workdir, 'checkpoints'))
     keep = [pp.LatestN(n=c.keep)]
     if c.keep_every > 0:
       keep.append(pp.EveryNSteps(c.keep_every))
@@ -254,8 +258,8 @@ def load_checkpoint(workdir: str, step: int | None = None) -> tuple[int, dict]:
   Raises:
     FileNotFoundError naming the directory when there is no such checkpoint.
   """
-  directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  if not os.path.isdir(directory):
+  directory = fileio.resolve(os.path.join(workdir, 'checkpoints'))
+  if not fileio.isdir(directory):
     raise FileNotFoundError(f'no checkpoint in {directory}: train with --workdir={workdir} first.')
   manager = ocp.CheckpointManager(
     directory, item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(create=False)

@@ -1,19 +1,22 @@
-"""Multi-process start-up: whether and how to call `jax.distributed.initialize`.
+"""Multi-process start-up (whether and how to call `jax.distributed.initialize`) and exit codes.
 
-One process drives all the accelerators of a host (or, under SLURM/Open MPI, one per task); a
-multi-host run is several such processes that must meet before anything touches a device. Where
-they meet is decided here, in this order:
+One process drives all the accelerators of a host (or, under SLURM/Open MPI, its share of them);
+a multi-host run is several such processes that must meet before anything touches a device.
+Where they meet is decided here, in this order:
 
 1. `--coordinator_address/--num_processes/--process_id` flags, all three or none: used as given
    and JAX's cluster detection is switched off, on any machine.
 2. Open MPI (`mpirun`, OMPI_COMM_WORLD_SIZE > 1) and SLURM (`srun`, SLURM_JOB_ID with
-   SLURM_NTASKS > 1): JAX's own cluster detection finds the coordinator; each task gets the
-   GPU whose index is its local rank unless `--local_device_ids` says otherwise.
+   SLURM_NTASKS > 1), read by one table (`cluster_env.LAUNCHERS`): JAX's own cluster detection
+   finds the coordinator, and each task drives accelerators it can see
+   (`cluster_env.cluster_device_ids`).
 3. A multi-worker Cloud TPU VM (pod slice, or several slices): JAX's TPU detection.
 4. Otherwise a single process: no distributed runtime at all.
 
-`plan_initialize` makes the decision from flag values and an environment and is pure (the tests
-feed it fake clusters); `initialize` gathers the facts, performs the plan and logs the outcome.
+`plan_initialize` makes the decision from flag values, an environment and a few machine facts
+and is pure (the tests feed it fake clusters); `initialize` gathers the facts, performs the plan
+and logs the outcome. The slices of a multislice run are counted from the devices afterwards
+(`sharding.find_slices`), not from the environment.
 """
 
 from __future__ import annotations
@@ -23,10 +26,18 @@ import glob
 import os
 import pathlib
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 from absl import logging
+
+from stop_jax.runtime import cluster_env
+from stop_jax.runtime.cluster_env import DistributedConfigError
+
+# Exit status of `python -m stop_jax.main` when a SIGTERM stopped the run and it saved a
+# checkpoint first: "preempted, resume me" (sysexits.h EX_TEMPFAIL); launchers requeue on it.
+# A finished run exits 0; anything else is a failure.
+PREEMPTED_EXIT_CODE = 75
 
 # The flag names, as main.py defines them and plan_initialize reads them.
 FLAG_NAMES = ('coordinator_address', 'num_processes', 'process_id', 'local_device_ids')
@@ -36,22 +47,19 @@ _GOOGLE_PCI_VENDOR = '0x1ae0'  # Cloud TPU chips show up as PCI devices of this 
 _METADATA_URL = 'http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
 
 
-class DistributedConfigError(ValueError):
-  """Flags or environment that do not describe a runnable multi-process job."""
-
-
 @dataclasses.dataclass(frozen=True)
 class InitPlan:
   """How to call `jax.distributed.initialize`, and why.
 
   Attributes:
     source: 'flags', 'ompi', 'slurm' or 'tpu': what decided that this is a multi-process run.
-    description: one line for the log, e.g. 'SLURM job 42: task 3 of 16'.
+    description: one line for the log, e.g. 'SLURM task 3 of 16 (job 42) on nodes gpu[1-2]'.
     coordinator_address: 'host:port' of process 0, or None for JAX's detection to find it.
     num_processes: the process count when known before initialising (TPU: None, JAX finds it).
     process_id: this process's index when known before initialising.
     local_device_ids: the local accelerators this process drives, or None for JAX's default
       (under SLURM/Open MPI: the one whose index is the local rank; elsewhere: all of them).
+      Under SLURM/Open MPI, from what the task can see (`cluster_env.cluster_device_ids`).
     cluster_detection_method: passed to JAX: 'deactivate' for explicit flags, the cluster's
       name under SLURM/Open MPI, None on TPU (JAX picks its GCE or GKE TPU variant).
   """
@@ -103,24 +111,6 @@ def _check_address(address: str):
     )
 
 
-def _env_int(environ: Mapping[str, str], name: str) -> int | None:
-  value = environ.get(name)
-  if value is None:
-    return None
-  try:
-    return int(value)
-  except ValueError:
-    raise DistributedConfigError(
-      f'environment variable {name}={value!r} is not an integer.'
-    ) from None
-
-
-def _require_env(environ: Mapping[str, str], names: Sequence[str], what: str, fix: str):
-  missing = [n for n in names if n not in environ]
-  if missing:
-    raise DistributedConfigError(f'{what}, but {", ".join(missing)} is unset: {fix}')
-
-
 def _explicit_plan(flags_values: Mapping, local_ids) -> InitPlan | None:
   given = [n for n in _TOGETHER if flags_values.get(n) not in (None, '')]
   if not given:
@@ -154,52 +144,30 @@ def _explicit_plan(flags_values: Mapping, local_ids) -> InitPlan | None:
   )
 
 
-def _ompi_plan(environ, local_ids) -> InitPlan | None:
-  size = _env_int(environ, 'OMPI_COMM_WORLD_SIZE')
-  if size is None or size <= 1:
+def _launcher_plan(launcher: cluster_env.Launcher, environ, local_ids, visible) -> InitPlan | None:
+  size = cluster_env.env_int(environ, launcher.size)
+  if size is None or size <= 1 or (launcher.marker and launcher.marker not in environ):
     return None
-  _require_env(
+  cluster_env.require_env(
     environ,
-    ('OMPI_MCA_orte_hnp_uri', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_LOCAL_RANK'),
-    f'Open MPI runs {size} processes (OMPI_COMM_WORLD_SIZE)',
-    "JAX's Open MPI detection needs mpirun of Open MPI 4 or older; otherwise pass "
-    '--coordinator_address=HOST0:PORT --num_processes=$OMPI_COMM_WORLD_SIZE '
-    '--process_id=$OMPI_COMM_WORLD_RANK.',
+    (*launcher.required, launcher.rank, launcher.local_rank),
+    f'{launcher.label} runs {size} processes ({launcher.size})',
+    launcher.fix,
   )
-  rank = _env_int(environ, 'OMPI_COMM_WORLD_RANK')
+  rank = cluster_env.env_int(environ, launcher.rank)
+  task = f'{launcher.label} task {rank} of {size}'
+  ids = (
+    local_ids
+    if local_ids is not None
+    else cluster_env.cluster_device_ids(launcher, environ, visible, task)
+  )
   return InitPlan(
-    source='ompi',
-    description=f'Open MPI: rank {rank} of {size}',
+    source=launcher.name,
+    description=task + launcher.where(environ),
     num_processes=size,
     process_id=rank,
-    local_device_ids=local_ids,
-    cluster_detection_method='ompi',
-  )
-
-
-def _slurm_plan(environ, local_ids) -> InitPlan | None:
-  ntasks = _env_int(environ, 'SLURM_NTASKS')
-  if 'SLURM_JOB_ID' not in environ or ntasks is None or ntasks <= 1:
-    return None
-  _require_env(
-    environ,
-    ('SLURM_STEP_NODELIST', 'SLURM_PROCID', 'SLURM_LOCALID'),
-    f'SLURM job {environ["SLURM_JOB_ID"]} has {ntasks} tasks (SLURM_NTASKS)',
-    'this looks like the batch script itself, not one of its tasks. Start every task with '
-    'srun (see launch/slurm.sbatch); for a one-process run inside an allocation use '
-    '`srun --ntasks=1 ...`.',
-  )
-  procid = _env_int(environ, 'SLURM_PROCID')
-  return InitPlan(
-    source='slurm',
-    description=(
-      f'SLURM job {environ["SLURM_JOB_ID"]}: task {procid} of {ntasks} on nodes '
-      f'{environ["SLURM_STEP_NODELIST"]}'
-    ),
-    num_processes=ntasks,
-    process_id=procid,
-    local_device_ids=local_ids,
-    cluster_detection_method='slurm',
+    local_device_ids=ids,
+    cluster_detection_method=launcher.name,
   )
 
 
@@ -209,7 +177,7 @@ def _tpu_plan(environ, tpu_vm_workers: int | None) -> InitPlan | None:
   per_slice = len(hosts.split(',')) if hosts else tpu_vm_workers
   if not per_slice:
     return None
-  slices = _env_int(environ, 'MEGASCALE_NUM_SLICES') or 1
+  slices = cluster_env.env_int(environ, 'MEGASCALE_NUM_SLICES') or 1
   if per_slice * slices <= 1:
     return None
   where = 'GKE' if hosts else 'TPU VM'
@@ -220,7 +188,11 @@ def _tpu_plan(environ, tpu_vm_workers: int | None) -> InitPlan | None:
 
 
 def plan_initialize(
-  flags_values: Mapping, environ: Mapping[str, str], *, tpu_vm_workers: int | None = None
+  flags_values: Mapping,
+  environ: Mapping[str, str],
+  *,
+  tpu_vm_workers: int | None = None,
+  node_gpus: int | None = None,
 ) -> InitPlan | None:
   """Decides whether and how this process joins a multi-process JAX run. Pure.
 
@@ -230,6 +202,7 @@ def plan_initialize(
     environ: the process environment (os.environ, or a fake one).
     tpu_vm_workers: number of workers of this Cloud TPU VM slice from its metadata server, None
       when this is not a TPU VM.
+    node_gpus: the NVIDIA GPUs of this node as the driver lists them, None when unknown.
   Returns:
     The plan, or None for a single-process run.
   Raises:
@@ -239,22 +212,26 @@ def plan_initialize(
   if unknown:
     raise DistributedConfigError(f'unknown keys {sorted(unknown)}; allowed: {FLAG_NAMES}.')
   local_ids = _parse_device_ids(flags_values.get('local_device_ids'))
-  plan = (
-    _explicit_plan(flags_values, local_ids)
-    # Open MPI before SLURM, as JAX's detection: mpirun inside an allocation sets both.
-    or _ompi_plan(environ, local_ids)
-    or _slurm_plan(environ, local_ids)
-    or _tpu_plan(environ, tpu_vm_workers)
-  )
+  visible = cluster_env.visible_accelerators(environ, node_gpus)
+  plan = _explicit_plan(flags_values, local_ids)
+  for launcher in cluster_env.LAUNCHERS:
+    plan = plan or _launcher_plan(launcher, environ, local_ids, visible)
+  plan = plan or _tpu_plan(environ, tpu_vm_workers)
+  given = flags_values.get('local_device_ids')
   if plan is None and local_ids is not None:
     raise DistributedConfigError(
-      f'--local_device_ids={flags_values["local_device_ids"]!r} only applies to a multi-process '
-      'run (explicit flags, SLURM or Open MPI); a single process uses every visible device '
-      '(restrict them with CUDA_VISIBLE_DEVICES).'
+      f'--local_device_ids={given!r} only applies to a multi-process run (explicit flags, SLURM '
+      'or Open MPI); a single process uses every visible device (restrict them with '
+      'CUDA_VISIBLE_DEVICES).'
     )
   if plan is not None and plan.source == 'tpu' and local_ids is not None:
     raise DistributedConfigError(
       '--local_device_ids is not allowed on a TPU pod: each host drives all its chips.'
+    )
+  if local_ids is not None and visible is not None and max(local_ids) >= visible.count:
+    raise DistributedConfigError(
+      f'--local_device_ids={given!r} is not allowed: this process sees {visible.count} '
+      f'accelerator(s) ({visible.source}), so ids in [0, {visible.count}).'
     )
   return plan
 
@@ -286,29 +263,49 @@ def _tpu_vm_workers() -> int | None:
 def initialize(flags_values: Mapping, environ: Mapping[str, str] | None = None) -> InitPlan | None:
   """Joins the multi-process run the flags/environment describe; call before touching devices.
 
-  Logs this process's index and count and its local and global devices, on every process.
+  Logs this process's index and count, its local and global devices and, on TPU, the slices
+  they span, on every process.
 
   Returns:
     The plan that was carried out, or None for a single process.
   """
+  from stop_jax.runtime import sharding  # noqa: PLC0415 (flax: only once the run starts)
+
   environ = os.environ if environ is None else environ
-  plan = plan_initialize(flags_values, environ, tpu_vm_workers=_tpu_vm_workers())
+  plan = plan_initialize(
+    flags_values, environ, tpu_vm_workers=_tpu_vm_workers(), node_gpus=cluster_env.node_gpus()
+  )
   if plan is None:
     logging.info('single process: no jax.distributed start-up.')
   else:
-    logging.info('jax.distributed.initialize: %s', plan.description)
+    ids = plan.local_device_ids
+    logging.info(
+      'jax.distributed.initialize: %s; local devices %s',
+      plan.description,
+      ','.join(map(str, ids)) if ids else "JAX's default",
+    )
     # Cross-process collectives on the CPU backend (tests, laptops, CPU clusters) need an
     # implementation; gloo ships with jaxlib. Recent JAX defaults to it: keep a user's choice.
     if jax.config.jax_cpu_collectives_implementation is None:
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(**plan.initialize_kwargs())
   local = jax.local_devices()
+  slices = sharding.find_slices(jax.devices())
   logging.info(
-    'process %d of %d: %d local devices (%s), %d global devices',
+    'process %d of %d: %d local devices (%s), %d global devices%s',
     jax.process_index(),
     jax.process_count(),
     len(local),
     ', '.join(sorted({d.device_kind for d in local})),
     jax.device_count(),
+    '' if slices.by_process else f' in {slices.count} slice(s)',
   )
+  expected = cluster_env.env_int(environ, 'MEGASCALE_NUM_SLICES')
+  if expected is not None and not slices.by_process and expected != slices.count:
+    logging.warning(
+      'MEGASCALE_NUM_SLICES=%d but the devices span %d slices (%s): the mesh follows the devices.',
+      expected,
+      slices.count,
+      slices.what,
+    )
   return plan

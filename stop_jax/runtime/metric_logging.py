@@ -3,17 +3,33 @@
 The trainer hands over the *device* metrics of a logging step and the logger only fetches them
 after the next step has been dispatched (`flush_pending`), so the host never waits for the
 accelerator to drain just to print a line.
+
+The workdir may be local or an object store (`fileio`). Locally every line is appended and
+flushed as it comes, and TensorBoard writes into WORKDIR/tb. Object stores cannot append:
+metrics.jsonl is rewritten whole (one upload) by `sync()`, and TensorBoard writes its events into
+a local temporary directory whose files `sync()` uploads to WORKDIR/tb. The trainer calls
+`sync()` before every checkpoint save, so the file holds every step up to the checkpoint a
+resume starts from; between saves it is synced at most every `REMOTE_SYNC_EVERY_S` seconds,
+and at `close()`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
+import uuid
 
 import jax
 import numpy as np
 from absl import logging
+
+from stop_jax.runtime import fileio
+
+# Object-store workdirs: the most often metrics.jsonl and the events are uploaded between saves.
+REMOTE_SYNC_EVERY_S = 60.0
 
 # Order and format of the one-line summary; everything else still goes to TB and JSON.
 _LINE = (
@@ -47,15 +63,29 @@ class MetricLogger:
     self._last = None  # (step, time) of the last written line, for images/s.
     self._tb = None
     self._jsonl = None
+    self._remote = write and fileio.is_remote(workdir)
+    self._tb_dir = os.path.join(workdir, 'tb')
+    self._tb_local = None  # object stores: the local directory TensorBoard writes into
+    self._tb_uploaded: dict[str, int] = {}  # event file -> size last uploaded
+    self._last_sync = time.monotonic()
     if write:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
-      try:
-        from tensorboardX import SummaryWriter
+      fileio.makedirs(workdir)
+      self._jsonl = fileio.Appender(os.path.join(workdir, 'metrics.jsonl'))
+      self._tb = self._open_tensorboard()
 
-        self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
-      except ImportError:  # TensorBoard is optional; the JSON file always exists.
-        logging.warning('tensorboardX not installed: no TensorBoard events.')
+  def _open_tensorboard(self):
+    try:
+      from tensorboardX import SummaryWriter
+    except ImportError:  # TensorBoard is optional; the JSON file always exists.
+      logging.warning('tensorboardX not installed: no TensorBoard events.')
+      return None
+    if not self._remote:
+      return SummaryWriter(self._tb_dir)
+    # tensorboardX's own gs:// writer needs google-cloud-storage's client and uploads on every
+    # flush; writing locally and uploading in `sync()` works for every store fileio reaches.
+    self._tb_local = tempfile.mkdtemp(prefix='stop_jax_tb_')
+    # Event files are named by the second and the host: a suffix keeps two runs apart.
+    return SummaryWriter(self._tb_local, filename_suffix=f'.{uuid.uuid4().hex[:8]}')
 
   def start(self, step: int):
     """Marks the time origin for throughput (call after the first, compiling step)."""
@@ -92,28 +122,59 @@ class MetricLogger:
       parts.append(f'eta {_fmt_eta(values["eta_s"])}')
     logging.info(' | '.join(parts))
     self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
-    self._jsonl.flush()
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(f'train/{k}', v, step)
       self._tb.flush()
+    self._sync_if_due()
 
   def write_summary(self, step: int, values: dict, prefix: str):
     """Writes evaluation results (e.g. probe accuracies) to the same sinks."""
     if not self.write:
       return
-    self._jsonl.write(json.dumps({'step': step, **{f'{prefix}/{k}': v for k, v in values.items()}}))
-    self._jsonl.write('\n')
-    self._jsonl.flush()
+    self._jsonl.write(
+      json.dumps({'step': step, **{f'{prefix}/{k}': v for k, v in values.items()}}) + '\n'
+    )
     if self._tb is not None:
       for k, v in values.items():
         if isinstance(v, int | float):
           self._tb.add_scalar(f'{prefix}/{k}', v, step)
       self._tb.flush()
+    self._sync_if_due()
+
+  def sync(self):
+    """Makes every line so far durable in the workdir, the pending step's included.
+
+    A no-op locally (lines are written as they come). On an object store it fetches the
+    pending metrics and uploads metrics.jsonl and the TensorBoard events.
+    """
+    if not self._remote:
+      return
+    self.flush_pending()
+    self._upload()
+
+  def _sync_if_due(self):
+    if self._remote and time.monotonic() - self._last_sync >= REMOTE_SYNC_EVERY_S:
+      self._upload()
+
+  def _upload(self):
+    self._jsonl.sync()
+    if self._tb_local is not None:
+      for name in sorted(os.listdir(self._tb_local)):
+        local = os.path.join(self._tb_local, name)
+        size = os.path.getsize(local)
+        if self._tb_uploaded.get(name) != size:
+          with open(local, 'rb') as f:
+            fileio.write_bytes(os.path.join(self._tb_dir, name), f.read())
+          self._tb_uploaded[name] = size
+    self._last_sync = time.monotonic()
 
   def close(self):
     self.flush_pending()
-    if self._jsonl is not None:
-      self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._remote:
+      self._upload()
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+    if self._jsonl is not None:
+      self._jsonl.close()

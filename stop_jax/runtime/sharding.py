@@ -12,11 +12,20 @@ mesh axes, so pure data parallel, FSDP, tensor parallel and their mixes are conf
 A logical axis whose size does not divide by its mesh axes' size stays unsharded on that dim
 (e.g. a 3-channel patch kernel), rather than failing: XLA pads nothing and we log nothing, the
 parameter is small. Only the big dims (widths, MLP, heads) are ever sharded.
+
+Multislice (several TPU slices joined over the data-center network, DCN): `mesh.dcn_data` and
+`mesh.dcn_fsdp` say how many slices the data and fsdp axes span. The mesh then keeps its global
+shape (data, fsdp, tensor) but is built by `create_hybrid_device_mesh`: each axis is cut into
+`dcn` blocks of one slice each, so only the collectives of those axes cross the DCN, and the rest
+(all of tensor, the within-slice part of data and fsdp) stay on the slice's ICI. The slices are
+the devices' `slice_index`; devices without one (CPU, GPU) count each process as a slice.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import math
 import threading
 from collections.abc import Sequence
@@ -24,10 +33,16 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+# The mesh axes that may span several slices, and the config keys giving how many. Tensor
+# parallelism moves activations every layer: it stays inside a slice.
+DCN_KEYS = {'data': 'dcn_data', 'fsdp': 'dcn_fsdp'}
+_AUTO = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
 
 # logical name -> mesh axes. Params: 'embed' (model width), 'mlp' (hidden), 'heads' (q/k/v and
 # attention-output features), 'layers' (the nn.scan axis). Activations: 'batch', 'length',
@@ -77,17 +92,153 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
+def dcn_shape(config) -> tuple[int, int, int]:
+  """(dcn_data, dcn_fsdp, 1): the number of slices each mesh axis spans (1 = inside a slice)."""
+  out = []
+  for axis in MESH_AXES:
+    key = DCN_KEYS.get(axis)
+    value = config.mesh[key] if key else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise MeshError(
+        f'config.mesh.{key}={value!r} is not allowed: a positive number of slices that the '
+        f'{axis} axis spans (1 = it stays inside each slice).'
+      )
+    out.append(value)
+  return tuple(out)
+
+
+def split_over_slices(
+  config, num_devices: int, num_slices: int | None = None, slices_are: str = 'slices'
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+  """(per-slice shape, dcn shape) of the mesh: their product, axis by axis, is mesh_shape.
+
+  Args:
+    config: the config (reads config.mesh).
+    num_devices: all devices of the mesh.
+    num_slices: the slices those devices span, None to skip that check (config-only checks).
+    slices_are: what a slice is here, for the error message (see `Slices.what`).
+  Raises:
+    MeshError naming the key, its value and what is allowed.
+  """
+  shape, dcn = mesh_shape(config, num_devices), dcn_shape(config)
+  product = math.prod(dcn)
+  if num_slices is not None and product != num_slices:
+    raise MeshError(
+      f'config.mesh.dcn_data x dcn_fsdp = {dcn[0]} x {dcn[1]} = {product} is not allowed: the '
+      f'product must equal the number of slices, and the devices span {num_slices} '
+      f'({slices_are}).'
+    )
+  for axis, size, d in zip(MESH_AXES, shape, dcn, strict=True):
+    if size % d:
+      raise MeshError(
+        f'config.mesh.{DCN_KEYS[axis]}={d} is not allowed: it must divide mesh.{axis}={size} '
+        f'(the {axis} axis is cut into {d} equal blocks, one per slice).'
+      )
+  return tuple(s // d for s, d in zip(shape, dcn, strict=True)), dcn
+
+
+@dataclasses.dataclass(frozen=True)
+class Slices:
+  """The units of the slow network (DCN) that a set of devices spans.
+
+  Attributes:
+    count: how many.
+    by_process: True where devices carry no slice_index (CPU, GPU): each process is a slice
+      (`process_is_granule` of JAX's hybrid mesh).
+    what: how they were counted, for messages.
+  """
+
+  count: int
+  by_process: bool
+  what: str
+
+
+def find_slices(devices: Sequence[jax.Device]) -> Slices:
+  """The slices `devices` span: distinct `slice_index` (TPU), else one per process."""
+  if all(hasattr(d, 'slice_index') for d in devices):
+    count = len({d.slice_index for d in devices})
+    if devices[0].platform == 'tpu' or count > 1:
+      return Slices(count, False, f'{count} distinct device.slice_index')
+  count = len({d.process_index for d in devices})
+  return Slices(
+    count,
+    True,
+    f'{count} process(es): {devices[0].platform} devices have no slice_index, so each process '
+    'counts as one slice',
+  )
+
+
+def _allow_split_physical_axes(devices) -> bool:
+  # As jax.make_mesh: only v5e's 2-D torus may need a physical axis split between mesh axes.
+  return devices[0].device_kind in ('TPU v5 lite', 'TPU v5e')
+
+
+def device_array(config, devices: Sequence[jax.Device]) -> np.ndarray:
+  """The devices arranged as the (data, fsdp, tensor) mesh, hybrid over several slices.
+
+  One slice (or devices with no slice structure and dcn axes of 1): jax.make_mesh's order, so
+  that the last axes (tensor, then fsdp) stay inside the fast interconnect of a host / slice.
+  Several: `create_hybrid_device_mesh`, slice-major along each dcn axis.
+  """
+  slices = find_slices(devices)
+  if math.prod(dcn_shape(config)) == 1 and (slices.by_process or slices.count == 1):
+    shape = mesh_shape(config, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=_AUTO, devices=devices).devices
+  per_slice, dcn = split_over_slices(config, len(devices), slices.count, slices.what)
+  attr = 'process_index' if slices.by_process else 'slice_index'
+  sizes = collections.Counter(getattr(d, attr) for d in devices)
+  if len(set(sizes.values())) > 1:
+    raise MeshError(
+      f'devices per slice ({attr}: count) {dict(sorted(sizes.items()))} are not allowed for '
+      f'config.mesh.dcn_data x dcn_fsdp = {math.prod(dcn)}: a hybrid mesh needs equal slices.'
+    )
+  return mesh_utils.create_hybrid_device_mesh(
+    per_slice,
+    dcn,
+    devices,
+    process_is_granule=slices.by_process,
+    allow_split_physical_axes=_allow_split_physical_axes(devices),
+  )
+
+
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices, all hosts).
 
-  jax.make_mesh orders devices so that the last axes (tensor, then fsdp) stay inside the fast
-  interconnect of a host / slice, where their collectives are most frequent.
+  Raises:
+    MeshError when config.mesh does not fit the devices (count, slices), naming the key.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(config, len(devices))
-  return jax.make_mesh(
-    shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+  mesh = Mesh(device_array(config, devices), MESH_AXES, axis_types=_AUTO)
+  dcn = dcn_shape(config)
+  if math.prod(dcn) > 1:
+    logging.info(
+      'hybrid mesh %s over %s: dcn (slices) %s x per slice (ICI) %s',
+      dict(mesh.shape),
+      find_slices(devices).what,
+      dict(zip(MESH_AXES, dcn, strict=True)),
+      {a: mesh.shape[a] // d for a, d in zip(MESH_AXES, dcn, strict=True)},
+    )
+  return mesh
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all), slice by slice over TPU slices.
+
+  For work split over examples only (feature extraction): over several slices, each slice holds
+  a contiguous block of the axis, where jax.make_mesh refuses multi-slice devices.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  slices = find_slices(devices)
+  n = len(devices)
+  if slices.by_process or slices.count == 1:
+    return jax.make_mesh((n,), ('data',), axis_types=_AUTO[:1], devices=devices)
+  array = mesh_utils.create_hybrid_device_mesh(
+    (n // slices.count,),
+    (slices.count,),
+    devices,
+    allow_split_physical_axes=_allow_split_physical_axes(devices),
   )
+  return Mesh(array, ('data',), axis_types=_AUTO[:1])
 
 
 def _axis_size(mesh: Mesh, axes) -> int:

@@ -31,7 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from stop_jax import config as config_lib  # noqa: E402
 from stop_jax.data import masking  # noqa: E402
-from stop_jax.runtime import sharding  # noqa: E402
+from stop_jax.runtime import fileio, sharding  # noqa: E402
 from stop_jax.train import setup  # noqa: E402
 from stop_jax.train.schedules import Schedules  # noqa: E402
 
@@ -131,7 +131,6 @@ if __name__ == '__main__':
     print(format_report(info))
     print('RESULT ' + json.dumps(info, default=float))
     if FLAGS.output:
-      with open(FLAGS.output, 'w') as f:
-        json.dump(info, f, indent=2, default=float)
+      fileio.write_json(FLAGS.output, info, indent=2, default=float)  # local or gs://
 
   app.run(main)

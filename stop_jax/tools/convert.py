@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from stop_jax import config as config_lib
 from stop_jax.eval import converted
 from stop_jax.models.layers import sincos_2d
+from stop_jax.runtime import fileio
 from stop_jax.tools import official_layout
 
 PARTS = ('encoder', 'predictor', 'target_encoder')
@@ -311,7 +312,7 @@ def convert_file(
   parts = None if which == 'all' else tuple(filter(None, which.split(',')))
   if parts is not None and (not parts or set(parts) - set(PARTS)):
     raise ConversionError(f'--which={which!r} is not allowed: "all" or a comma list of {PARTS}.')
-  if os.path.exists(os.path.join(output, 'config.json')):
+  if fileio.exists(os.path.join(output, 'config.json')):
     raise FileExistsError(f'--output={output} already holds config.json: choose a new directory.')
   state_dicts, extra = read_torch_checkpoint(torch_checkpoint, parts, trust_pickle)
   logging.info('converting %s from %s', sorted(state_dicts), torch_checkpoint)
@@ -329,7 +330,9 @@ def _define_flags():
     'config', None, 'Config describing the checkpoint (configs/*.py).'
   )
   flags.DEFINE_string('torch_checkpoint', None, 'Official I-JEPA / StoP .pth.tar file.')
-  flags.DEFINE_string('output', None, 'New directory for config.json and the converted params.')
+  flags.DEFINE_string(
+    'output', None, 'New directory (local or gs://...) for config.json and the converted params.'
+  )
   flags.DEFINE_string(
     'which', 'all', f'"all" (every part the file has) or a comma list of {PARTS}.'
   )

@@ -5,7 +5,7 @@ validates the config, plans the run (`plan.py`), builds the mesh and the sharded
 (`setup.py`), restores or creates the state, streams batches into global arrays, runs the
 compiled step, logs, checkpoints, guards against non-finite steps (`guard.py`), runs the
 evaluators of `eval/evaluators.py` (the periodic k-NN, the final linear probe) and writes
-summary.json (`workdir.py`).
+summary.json (`workdir.py`). The workdir may be local, shared or an object store (gs://...).
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   the run saves, returns {'preempted': True, ...} and skips the final evaluators.
   """
   config_lib.validate(config, num_devices=jax.device_count())
-  workdir_lib.check_workdir_config(config, workdir)
   plan = plan_lib.plan_run(config)
   is_main = jax.process_index() == 0
-  if is_main:
-    workdir_lib.save_config(config, plan, workdir)
+  # Shared-workdir check, config check on every process, then process 0 writes config.json.
+  workdir_lib.prepare(config, plan, workdir)
   plan_lib.log_plan(plan)
   sharded = setup.make_sharded_step(config, sharding.make_mesh(config), plan.schedules)
   init_rng, step_rng, probe_rng = jax.random.split(jax.random.key(config.seed), 3)
@@ -151,6 +150,9 @@ class _Run:
           self.evaluate(ev, done, state)
       if done == total or preempted_at is not None or self.ckpt.due(done):
         self.guard.flush()  # never save past an unnoticed non-finite step
+        # Object-store workdirs: metrics.jsonl holds every step up to the checkpoint before it
+        # can become the one a resume starts from (a no-op locally).
+        self.logger.sync()
         self.ckpt.save(done, state, self.checkpoint_meta(done))
       if preempted_at is not None:
         break

@@ -1,19 +1,34 @@
-"""The run directory's own files: config.json and plan.json, the resume check, summary.json.
+"""The run directory's own files: config.json and plan.json, the resume check, summary.json,
+and the start-up check that every process sees the same workdir.
 
-(Checkpoints, metrics.jsonl and TensorBoard events are written by runtime/checkpointing.py and
-runtime/metric_logging.py.)
+Every file goes through `runtime/fileio.py`, so WORKDIR may be a local or shared path or an
+object store (gs://...). (Checkpoints, metrics.jsonl and TensorBoard events are written by
+runtime/checkpointing.py and runtime/metric_logging.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from stop_jax import config as config_lib
+from stop_jax.runtime import fileio
 from stop_jax.train.plan import RunPlan
+
+# Written by process 0 and read by every process at start-up, then removed.
+SHARED_CHECK_FILE = '.stop_jax_shared_check'
+
+
+class WorkdirError(RuntimeError):
+  """A workdir that cannot be used: not writable, or not the same directory on every process."""
+
 
 # Keys that may change when a run is resumed: they steer the job, not the result.
 RESUMABLE_CHANGES = (
@@ -31,12 +46,13 @@ RESUMABLE_CHANGES = (
 
 
 def save_config(config: ml_collections.ConfigDict, plan: RunPlan, workdir: str):
-  """The resolved config and plan next to the run, for humans and for resuming."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  with open(os.path.join(workdir, 'plan.json'), 'w') as f:
-    json.dump(plan.to_json_dict(), f, indent=2)
+  """The resolved config and plan next to the run, for humans and for resuming.
+
+  Each file is replaced atomically: a reader sees the previous version or this one.
+  """
+  fileio.makedirs(workdir)
+  fileio.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+  fileio.write_json(os.path.join(workdir, 'plan.json'), plan.to_json_dict(), indent=2)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -63,10 +79,9 @@ def config_changes(old: dict, new: dict) -> list[str]:
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
   """Refuses to resume a workdir that holds another config, unless explicitly allowed."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = fileio.read_json(path)
   changes = config_changes(old, json.loads(config.to_json_best_effort()))
   if not changes:
     return
@@ -82,5 +97,80 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
 
 def write_summary(workdir: str, summary: dict):
   """summary.json: what `train_and_evaluate` returned (numbers as plain floats)."""
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=2, default=float)
+  fileio.write_json(os.path.join(workdir, 'summary.json'), summary, indent=2, default=float)
+
+
+def barrier(name: str):
+  """Waits until every process gets here (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare(config: ml_collections.ConfigDict, plan: RunPlan, workdir: str):
+  """Start-up of a run directory, on every process.
+
+  The workdir is checked to be shared, every process compares the config with the workdir's
+  config.json (all raise the same ConfigError, or none does), and only then does process 0
+  replace config.json and plan.json, behind barriers on both sides: no process ever reads
+  config.json while process 0 rewrites it.
+  """
+  check_shared(workdir)
+  check_workdir_config(config, workdir)
+  barrier('stop_jax: config.json read')
+  if jax.process_index() == 0:
+    save_config(config, plan, workdir)
+  barrier('stop_jax: config.json written')
+
+
+def _token() -> str:
+  """A random token chosen by process 0, the same on every process."""
+  token = np.frombuffer(secrets.token_bytes(16), np.uint8)
+  if jax.process_count() > 1:
+    token = multihost_utils.broadcast_one_to_all(token)
+  return bytes(np.asarray(token, np.uint8)).hex()
+
+
+def check_shared(workdir: str):
+  """Process 0 writes a fresh token into the workdir; every process must read it back.
+
+  Catches, before anything is compiled, workdirs that are each host's own local disk (they
+  would split the checkpoints between hosts) and workdirs that cannot be written at all.
+  Every process gets the same verdict (an all-gather), so none is left waiting at a barrier.
+
+  Raises:
+    WorkdirError: one line naming the workdir, the processes that failed, and what to use.
+  """
+  token, index = _token(), jax.process_index()
+  path = os.path.join(workdir, SHARED_CHECK_FILE)
+  status, detail = 0, ''  # 0 ok, 1 process 0 could not write, 2 this process cannot read it
+  if index == 0:
+    try:
+      fileio.makedirs(workdir)
+      fileio.write_text(path, token)
+    except Exception as e:  # noqa: BLE001 (reported to every process below)
+      status, detail = 1, f'{type(e).__name__}: {e}'
+  barrier('stop_jax: workdir check written')
+  if status == 0:
+    try:
+      seen = fileio.read_text(path)
+    except Exception as e:  # noqa: BLE001
+      seen, detail = None, f'{type(e).__name__}: {e}'
+    status = 0 if seen == token else 2
+  statuses = [status]
+  if jax.process_count() > 1:
+    statuses = np.asarray(multihost_utils.process_allgather(np.int32(status))).reshape(-1)
+  if index == 0 and statuses[0] != 1:
+    fileio.remove(path, missing_ok=True)
+  if statuses[0] == 1:
+    raise WorkdirError(
+      f'workdir {workdir} cannot be written by process 0 ({detail or "see process 0"}); check '
+      'the path and, for gs://, the credentials (README: "Workdirs on GCS").'
+    )
+  blind = [i for i, s in enumerate(statuses) if s]
+  if blind:
+    who = f'process {blind[0]}' if len(blind) == 1 else f'processes {blind}'
+    raise WorkdirError(
+      f'workdir {workdir} is not shared between processes: {who} cannot see {path} written by'
+      f' process 0{f" ({detail})" if index in blind and detail else ""}; use a gs:// path or a'
+      ' shared filesystem mounted at the same path on every host.'
+    )

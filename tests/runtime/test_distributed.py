@@ -1,14 +1,10 @@
-"""Multi-process start-up: the plan on fake clusters, and a real two-process run on localhost."""
+"""Multi-process start-up: the plan on fake clusters (real runs: test_multiprocess.py)."""
 
-import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import jax
-import numpy as np
 import pytest
 
 from stop_jax.runtime import distributed
@@ -124,7 +120,7 @@ def test_slurm_tasks_use_jax_detection_with_the_job_numbers():
   assert (plan.source, plan.cluster_detection_method) == ('slurm', 'slurm')
   assert (plan.num_processes, plan.process_id) == (16, 3)
   assert plan.coordinator_address is None and plan.local_device_ids is None
-  assert 'SLURM job 4242: task 3 of 16' in plan.description
+  assert plan.description == 'SLURM task 3 of 16 (job 4242) on nodes gpu[001-002]'
 
 
 def test_the_plan_agrees_with_jax_own_cluster_detection(monkeypatch):
@@ -146,6 +142,91 @@ def test_the_plan_agrees_with_jax_own_cluster_detection(monkeypatch):
 def test_local_device_ids_override_slurm_one_gpu_per_task():
   plan = plan_initialize(flags(local_device_ids='0,1,2,3'), SLURM_TASK)
   assert plan.source == 'slurm' and plan.initialize_kwargs()['local_device_ids'] == [0, 1, 2, 3]
+
+
+# SLURM_TASK is local task 3; its node runs 8 tasks of the job and holds 8 of its GPUs.
+ON_NODE = {'SLURM_NODEID': '0', 'SLURM_STEP_TASKS_PER_NODE': '8(x2)', 'SLURM_GPUS_ON_NODE': '8'}
+
+
+@pytest.mark.parametrize(
+  'env, node_gpus, ids',
+  [
+    # Every task sees all 8 GPUs, one task per GPU: the one of its local rank (JAX's convention).
+    ({'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7'}, None, (3,)),
+    ({}, 8, (3,)),  # nothing set: the driver's GPUs are the visible ones
+    # srun --gpus-per-task=1 (or --gpu-bind): each task sees only its GPU, renumbered 0.
+    ({'CUDA_VISIBLE_DEVICES': '3'}, 8, (0,)),
+    ({'CUDA_VISIBLE_DEVICES': 'GPU-6b1a,GPU-77c2'}, 8, (0, 1)),  # two bound GPUs, by UUID
+    # Two tasks on a node sharing its 8 GPUs: four each, by local rank (task 3 -> local rank 1).
+    (
+      {
+        'SLURM_STEP_TASKS_PER_NODE': '2(x8)',
+        'SLURM_LOCALID': '1',
+        'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7',
+      },
+      None,
+      (4, 5, 6, 7),
+    ),
+    ({'CUDA_VISIBLE_DEVICES': ''}, 8, None),  # no GPU: a CPU job, JAX's default
+    ({}, None, None),  # nothing known: JAX's default (the local rank's)
+  ],
+)
+def test_slurm_tasks_drive_the_gpus_they_can_see(env, node_gpus, ids):
+  plan = plan_initialize(NO_FLAGS, {**SLURM_TASK, **ON_NODE, **env}, node_gpus=node_gpus)
+  assert plan.local_device_ids == ids
+  # Never an id the task cannot see.
+  visible = distributed.cluster_env.visible_accelerators({**ON_NODE, **env}, node_gpus)
+  assert ids is None or max(ids) < visible.count
+
+
+def test_one_task_per_node_drives_all_its_gpus():
+  env = {**SLURM_TASK, 'SLURM_LOCALID': '0', 'SLURM_NODEID': '1'}
+  env.update(SLURM_STEP_TASKS_PER_NODE='1(x16)', CUDA_VISIBLE_DEVICES='0,1,2,3')
+  assert plan_initialize(NO_FLAGS, env).local_device_ids == (0, 1, 2, 3)
+
+
+def test_gpus_that_do_not_split_over_the_tasks_are_refused():
+  env = {**SLURM_TASK, **ON_NODE, 'SLURM_STEP_TASKS_PER_NODE': '3,3', 'SLURM_LOCALID': '2'}
+  with pytest.raises(DistributedConfigError, match=r'SLURM task 3 of 16 \(local rank 2 of 3'):
+    plan_initialize(NO_FLAGS, {**env, 'SLURM_GPUS_ON_NODE': '8'}, node_gpus=8)
+
+
+def test_open_mpi_tasks_read_the_same_table():
+  env = {**OMPI_RANK, 'OMPI_COMM_WORLD_LOCAL_SIZE': '4', 'CUDA_VISIBLE_DEVICES': '0,1,2,3'}
+  assert plan_initialize(NO_FLAGS, env).local_device_ids == (1,)
+  env['CUDA_VISIBLE_DEVICES'] = '2'  # mpirun bound one GPU per rank
+  assert plan_initialize(NO_FLAGS, env).local_device_ids == (0,)
+
+
+def test_given_local_device_ids_must_be_visible():
+  env = {**SLURM_TASK, 'CUDA_VISIBLE_DEVICES': '5'}
+  with pytest.raises(
+    DistributedConfigError, match=r"--local_device_ids='1' is not allowed: .*sees 1"
+  ):
+    plan_initialize(flags(local_device_ids='1'), env)
+  assert plan_initialize(flags(local_device_ids='0'), env).local_device_ids == (0,)
+
+
+@pytest.mark.parametrize(
+  'value, count',
+  [('0,1,2', 3), ('GPU-a,GPU-b', 2), ('', 0), ('NoDevFiles', 0), ('0,-1,2', 1), ('-1', 0)],
+)
+def test_visible_devices_are_counted_as_the_cuda_runtime_does(value, count):
+  visible = distributed.cluster_env.visible_accelerators({'CUDA_VISIBLE_DEVICES': value}, 8)
+  assert visible.count == count
+
+
+@pytest.mark.parametrize(
+  'env, tasks',
+  [
+    ({'SLURM_NODEID': '2', 'SLURM_STEP_TASKS_PER_NODE': '4(x2),2'}, 2),
+    ({'SLURM_NODEID': '1', 'SLURM_TASKS_PER_NODE': '8(x2)'}, 8),
+    ({'SLURM_NTASKS_PER_NODE': '4'}, 4),
+    ({'SLURM_STEP_TASKS_PER_NODE': 'odd'}, None),
+  ],
+)
+def test_slurm_tasks_on_this_node(env, tasks):
+  assert distributed.cluster_env.LAUNCHERS[1].local_size(env) == tasks
 
 
 def test_the_slurm_batch_script_itself_is_refused():
@@ -239,92 +320,3 @@ def _cpu_env() -> dict:
   env.pop('XLA_FLAGS', None)
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
   return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-TRAIN_ARGS = [
-  '--config=configs/tiny.py:steps=3',
-  '--config.model.depth=2',  # the multi-process path is the same at any depth; compiles faster
-  '--config.predictor.depth=1',
-  '--config.eval.probe=False',
-  '--config.log_every_steps=1',
-]
-
-
-def _start(workdir, log_path, *extra):
-  with open(log_path, 'w') as log:  # a file, not a pipe: a chatty child never blocks on it
-    return subprocess.Popen(
-      [sys.executable, '-m', 'stop_jax.main', *TRAIN_ARGS, f'--workdir={workdir}', *extra],
-      cwd=ROOT,
-      env=_cpu_env(),
-      stdout=log,
-      stderr=subprocess.STDOUT,
-    )
-
-
-def _finish(procs, log_paths, timeout_s=540) -> list[str]:
-  """Waits for all; if one fails the others are killed (they would wait for it at a collective)."""
-  deadline = time.monotonic() + timeout_s
-  try:
-    while any(p.poll() is None for p in procs):
-      if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-        break
-      time.sleep(0.5)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  logs = [open(path).read() for path in log_paths]
-  for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
-    assert p.returncode == 0, f'process {i} exited with {p.returncode}:\n{log[-6000:]}'
-  return logs
-
-
-def _losses(workdir) -> list[float]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line)['loss'] for line in f]
-
-
-# One test, not three sharing a fixture: under pytest-xdist each worker would redo the training.
-@pytest.mark.slow
-def test_two_processes_on_localhost_train_like_one_process(tmp_path):
-  from stop_jax.runtime import checkpointing
-
-  multi, single = tmp_path / 'multi', tmp_path / 'single'
-  port = _free_port()
-  multi_logs = [tmp_path / f'process{i}.log' for i in range(2)]
-  workers = [
-    _start(
-      multi,
-      multi_logs[i],
-      f'--coordinator_address=localhost:{port}',
-      '--num_processes=2',
-      f'--process_id={i}',
-    )
-    for i in range(2)
-  ]
-  logs = _finish(workers, multi_logs)
-  _finish([_start(single, tmp_path / 'single.log')], [tmp_path / 'single.log'])
-
-  assert 'process 0 of 2: 1 local devices (cpu), 2 global devices' in logs[0]
-  assert 'process 1 of 2: 1 local devices (cpu), 2 global devices' in logs[1]
-  assert 'plan:' in logs[0] and 'plan:' not in logs[1]  # only process 0 logs at INFO
-
-  losses_multi, losses_single = _losses(multi), _losses(single)
-  assert len(losses_multi) == 3  # written once, by process 0
-  np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-5)
-
-  step_m, tree_m = checkpointing.load_checkpoint(str(multi))
-  step_s, tree_s = checkpointing.load_checkpoint(str(single))
-  assert step_m == step_s == 3
-  for key in ('params', 'target_params'):
-    leaves_m, leaves_s = jax.tree.leaves(tree_m[key]), jax.tree.leaves(tree_s[key])
-    assert len(leaves_m) == len(leaves_s) > 0
-    for a, b in zip(leaves_m, leaves_s, strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,5 +1,7 @@
 """One sharded step from 1 device to data / FSDP / tensor meshes (8 simulated CPU devices)."""
 
+import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -194,3 +196,128 @@ def test_bytes_per_device_counts_shards():
   x = jax.ShapeDtypeStruct((8, 4), np.float32)
   sh = jax.sharding.NamedSharding(mesh, P())
   assert sharding.bytes_per_device([x], [sh]) == 8 * 4 * 4
+
+
+# --- Multislice: the hybrid (ICI x DCN) mesh -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+  """What JAX's mesh builders read of a TPU v4 chip (the physical-torus code runs for real)."""
+
+  id: int
+  slice_index: int
+  process_index: int
+  coords: tuple
+  core_on_chip: int = 0
+  platform: str = 'tpu'
+  device_kind: str = 'TPU v4'
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeCpu:
+  id: int
+  process_index: int
+  platform: str = 'cpu'
+  device_kind: str = 'cpu'
+
+
+def _tpu_slices(num_slices: int) -> list[FakeTpu]:
+  """num_slices slices of 2x2x2 chips, 4 chips per host."""
+  grid = list(itertools.product(range(2), range(2), range(2)))
+  return [
+    FakeTpu(s * 8 + i, s, s * 2 + i // 4, (x, y, z))
+    for s in range(num_slices)
+    for i, (z, y, x) in enumerate(grid)
+  ]
+
+
+def _mesh_config(**mesh):
+  c = config_lib.base_config()
+  for k, v in mesh.items():
+    c.mesh[k] = v
+  return c
+
+
+def _slice_of(array, attr='slice_index'):
+  return np.vectorize(lambda d: getattr(d, attr))(array)
+
+
+def test_dcn_axes_split_the_mesh_over_slices():
+  c = _mesh_config(data=-1, fsdp=4, dcn_data=2)
+  assert sharding.split_over_slices(c, 64, 2) == ((8, 4, 1), (2, 1, 1))
+  c = _mesh_config(data=2, fsdp=-1, dcn_fsdp=4)
+  assert sharding.split_over_slices(c, 64, 4) == ((2, 8, 1), (1, 4, 1))  # fsdp 32 = 4 x 8
+  with pytest.raises(sharding.MeshError, match=r'dcn_data x dcn_fsdp = 2 x 1 = 2 .* span 4'):
+    sharding.split_over_slices(_mesh_config(dcn_data=2), 64, 4)
+  with pytest.raises(
+    sharding.MeshError, match=r'mesh.dcn_fsdp=3 is not allowed: it must divide mesh.fsdp=4'
+  ):
+    sharding.split_over_slices(_mesh_config(data=-1, fsdp=4, dcn_fsdp=3), 48)
+  with pytest.raises(sharding.MeshError, match=r'mesh.dcn_data=-1 is not allowed: a positive'):
+    sharding.dcn_shape(_mesh_config(dcn_data=-1))
+
+
+@pytest.mark.parametrize(
+  'mesh, match',
+  [
+    ({'dcn_data': 0}, r'config.mesh.dcn_data=0 is not allowed: a positive number of slices'),
+    ({'dcn_fsdp': -1}, r'config.mesh.dcn_fsdp=-1 is not allowed'),
+    ({'data': 4, 'fsdp': 2, 'dcn_data': 3}, r'mesh.dcn_data=3 is not allowed: it must divide'),
+  ],
+)
+def test_bad_dcn_axes_fail_validation(mesh, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(_mesh_config(**mesh), num_devices=8)
+
+
+def test_hybrid_mesh_keeps_each_slice_on_its_own_block_of_the_dcn_axis():
+  devices = _tpu_slices(2)
+  array = sharding.device_array(_mesh_config(data=4, fsdp=2, tensor=2, dcn_data=2), devices)
+  assert array.shape == (4, 2, 2)
+  # data is slice-major: rows 0-1 are slice 0, rows 2-3 slice 1; fsdp and tensor never cross.
+  np.testing.assert_array_equal(_slice_of(array)[:, 0, 0], [0, 0, 1, 1])
+  assert (_slice_of(array) == _slice_of(array)[:, :1, :1]).all()
+  assert sorted(d.id for d in array.ravel()) == list(range(16))
+  # Over fsdp instead: each data row holds both slices, fsdp blocks of 4 per slice.
+  array = sharding.device_array(_mesh_config(data=2, fsdp=8, dcn_fsdp=2), devices)
+  np.testing.assert_array_equal(_slice_of(array)[:, :, 0], [[0] * 4 + [1] * 4] * 2)
+
+
+def test_multislice_devices_need_dcn_axes_that_multiply_to_the_slice_count():
+  devices = _tpu_slices(2)
+  with pytest.raises(sharding.MeshError, match=r'= 1 is not allowed: .* span 2 \(2 distinct'):
+    sharding.device_array(_mesh_config(), devices)
+  with pytest.raises(sharding.MeshError, match=r'= 4 is not allowed: .* span 2'):
+    sharding.device_array(_mesh_config(data=4, fsdp=4, dcn_data=2, dcn_fsdp=2), devices)
+
+
+def test_one_slice_is_what_jax_make_mesh_builds():
+  devices = _tpu_slices(1)
+  c = _mesh_config(data=2, fsdp=2, tensor=2)
+  expected = jax.make_mesh((2, 2, 2), sharding.MESH_AXES, devices=devices).devices
+  np.testing.assert_array_equal(sharding.device_array(c, devices), expected)
+  assert sharding.data_mesh(devices).devices.shape == (8,)
+
+
+def test_without_slice_index_each_process_is_a_slice():
+  cpus = [FakeCpu(i, i // 2) for i in range(4)]  # two processes of two devices
+  assert sharding.find_slices(cpus) == sharding.Slices(
+    2, True, '2 process(es): cpu devices have no slice_index, so each process counts as one slice'
+  )
+  array = sharding.device_array(_mesh_config(data=2, fsdp=2, dcn_data=2), cpus)
+  np.testing.assert_array_equal(_slice_of(array, 'process_index')[:, :, 0], [[0, 0], [1, 1]])
+  # dcn axes of 1: the mesh is one block, as before multislice.
+  assert sharding.device_array(_mesh_config(data=2, fsdp=2), cpus).shape == (2, 2, 1)
+
+
+def test_data_mesh_spans_tpu_slices_slice_by_slice():
+  mesh = sharding.data_mesh(_tpu_slices(2))
+  assert mesh.axis_names == ('data',)
+  np.testing.assert_array_equal(_slice_of(mesh.devices), [0] * 8 + [1] * 8)
+
+
+def test_slices_of_unequal_size_are_refused():
+  cpus = [FakeCpu(i, 0 if i < 3 else 1) for i in range(4)]  # 3 + 1 devices
+  with pytest.raises(sharding.MeshError, match=r'devices per slice \(process_index: count\)'):
+    sharding.device_array(_mesh_config(data=2, fsdp=2, dcn_data=2), cpus)

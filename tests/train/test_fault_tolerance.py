@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from stop_jax.runtime import checkpointing
+from stop_jax.runtime import checkpointing, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 24
@@ -224,7 +224,7 @@ def test_sigterm_saves_exits_cleanly_and_rerun_matches(baseline, tmp_path):
     _kill(proc)
   log = open(tmp_path / 'preempted.log').read()
   assert reached, log[-6000:]
-  assert proc.returncode == 0, log[-6000:]
+  assert proc.returncode == distributed.PREEMPTED_EXIT_CODE, log[-6000:]  # 75: resume me
   ckpt_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
   match = re.search(rf'preempted: saved step (\d+) in {re.escape(ckpt_dir)}; rerun the same', log)
   assert match, log[-3000:]

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from stop_jax import config as config_lib
+from stop_jax.runtime import fileio
 
 # Axis labels of the metrics the plots show; other keys are labelled by their name.
 METRIC_LABELS = {
@@ -28,10 +29,11 @@ METRIC_LABELS = {
 def read_metrics(workdir: str) -> list[dict]:
   """Every line of `workdir/metrics.jsonl`, in file order (a resumed run appends)."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: {workdir!r} has no training metrics.')
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  try:
+    text = fileio.read_text(path)  # local or an object store (gs://...)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{path} not found: {workdir!r} has no training metrics.') from None
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def metric_series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:

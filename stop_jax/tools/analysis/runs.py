@@ -18,13 +18,13 @@ import numpy as np
 from stop_jax import config as config_lib
 from stop_jax import models
 from stop_jax.models.layers import sincos_2d
-from stop_jax.runtime import checkpointing
+from stop_jax.runtime import checkpointing, fileio
 
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir/checkpoints` holds a finished checkpoint (orbax names them by step)."""
   directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return fileio.isdir(directory) and any(name.isdigit() for name in fileio.listdir(directory))
 
 
 @dataclasses.dataclass(frozen=True)
