@@ -54,7 +54,8 @@ def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | N
   encoder = models.build_encoder(config)
   task = make_task(config, model, encoder.depth)
   results, extra = evaluators.PROTOCOLS[e.protocol](task, encoder, model.params)
-  best = max(task.feature_types, key=lambda t: results[t]['top1'])
+  score = score_key(e.protocol)
+  best = max(task.feature_types, key=lambda t: results[t][score])
   name = load.result_name(config)
   record = {
     'name': name,
@@ -71,7 +72,7 @@ def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | N
     },
     'data': {'train': dataclasses.asdict(task.train), 'test': dataclasses.asdict(task.test)},
     'results': results,
-    'best': {'feature_type': best, 'top1': results[best]['top1']},
+    'best': {'feature_type': best, score: results[best][score]},
     **extra,
     'eval_config': e.to_dict(),
     'seconds': time.perf_counter() - t0,
@@ -83,9 +84,16 @@ def evaluate(eval_config: ml_collections.ConfigDict, workdir: str, step: int | N
   return record
 
 
+def score_key(protocol: str) -> str:
+  """The result that ranks the feature types: top-1 accuracy, or davis's J&F-Mean."""
+  return 'J&F-Mean' if protocol == 'davis' else 'top1'
+
+
 def summary_line(record: dict, path: str) -> str:
   """e.g. `tiny_logreg (checkpoint step 660): last XX.XX% | last4 YY.YY% -> best last4 [PATH]`."""
-  scores = ' | '.join(f'{t} {100 * r["top1"]:.2f}%' for t, r in record['results'].items())
+  key = score_key(record.get('protocol', ''))
+  label = '' if key == 'top1' else f'{key} '
+  scores = ' | '.join(f'{t} {label}{100 * r[key]:.2f}%' for t, r in record['results'].items())
   m = record['model']
   step = f' step {m["step"]}' if m['step'] is not None else ''
   return (

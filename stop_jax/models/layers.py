@@ -190,6 +190,33 @@ class Attention(nn.Module):
     return dense(d, ('heads', 'embed'), self.dtype, 'proj')(out)
 
 
+def drop_path(x, rate, rng, deterministic: bool):
+  """Stochastic depth (timm's `drop_path`): zeroes a residual branch for whole examples.
+
+  Each example's branch is kept with probability 1 - rate and then divided by 1 - rate, so
+  its expected value is unchanged. Identity when deterministic (evaluation) or rate is 0.
+
+  Args:
+    x: the branch output [B, ...].
+    rate: drop probability in [0, 1) (a Python float or a traced scalar).
+    rng: PRNG key of this call.
+    deterministic: True = no drop.
+  Returns:
+    [B, ...], x's dtype.
+  """
+  if deterministic or (isinstance(rate, int | float) and rate == 0):
+    return x
+  keep = 1.0 - jnp.asarray(rate, jnp.float32)
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(rng, keep, shape)
+  return x * (mask / keep).astype(x.dtype)
+
+
+def drop_path_rate(max_rate: float, layer, depth: int):
+  """timm's rule: rates rise linearly from 0 (first block) to max_rate (last block)."""
+  return max_rate * layer / max(depth - 1, 1)
+
+
 class Block(nn.Module):
   """Pre-norm transformer block, shaped as an `nn.scan` body: returns (x, x or None)."""
 
@@ -199,17 +226,29 @@ class Block(nn.Module):
   gelu: str = 'exact'
   collect: bool = False  # Also emit the block output (K-average targets, last-4 features).
   attention: str = 'einsum'
+  # Stochastic depth (fine-tuning only): the rate of the last block; block i of `depth` drops
+  # its branches with rate drop_path * i / (depth - 1), drawn from the 'dropout' RNG stream.
+  # 0 (pretraining) leaves the computation exactly as without it.
+  drop_path: float = 0.0
+  depth: int = 1
 
   @nn.compact
-  def __call__(self, x, key_mask=None):
+  def __call__(self, x, key_mask=None, layer=None):
+    """x: [B, N, D]; layer: this block's index (an int, or a scanned int32 scalar)."""
     d = x.shape[-1]
+    on = self.drop_path > 0
+    rate = drop_path_rate(self.drop_path, layer, self.depth) if on else 0.0
+
+    def branch(y):
+      return drop_path(y, rate, self.make_rng('dropout'), False) if on else y
+
     x = constrain(x, ACT_TOKENS)
     y = layer_norm(self.dtype, 'norm1')(x)
-    x = x + Attention(self.num_heads, self.dtype, self.attention, name='attn')(y, key_mask)
+    x = x + branch(Attention(self.num_heads, self.dtype, self.attention, name='attn')(y, key_mask))
     y = layer_norm(self.dtype, 'norm2')(x)
     y = constrain(dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, 'fc1')(y), ACT_HIDDEN)
     y = dense(d, ('mlp', 'embed'), self.dtype, 'fc2')(gelu_fn(self.gelu)(y))
-    x = constrain(x + y, ACT_TOKENS)
+    x = constrain(x + branch(y), ACT_TOKENS)
     return x, (x if self.collect else None)
 
 
@@ -229,10 +268,14 @@ class BlockStack(nn.Module):
   scan: bool = True
   collect: bool = False
   attention: str = 'einsum'
+  drop_path: float = 0.0  # Stochastic depth of the last block (Block.drop_path); 0 = off.
 
   @nn.compact
   def __call__(self, x, key_mask=None):
-    """x: [B, N, D] -> ([B, N, D], per-block outputs [depth, B, N, D] or None)."""
+    """x: [B, N, D] -> ([B, N, D], per-block outputs [depth, B, N, D] or None).
+
+    With drop_path > 0 the caller supplies a 'dropout' RNG stream (one key per block).
+    """
     if self.remat == 'none':
       block_cls = Block
     elif self.remat in REMAT_POLICIES:
@@ -250,18 +293,25 @@ class BlockStack(nn.Module):
       collect=self.collect,
       attention=self.attention,
     )
+    if self.drop_path > 0:
+      kw.update(drop_path=self.drop_path, depth=self.depth)
     if self.scan:
+      # With drop path each block also gets its index (a scanned input) and its own key.
+      extra = self.drop_path > 0
       stack = nn.scan(
         block_cls,
         variable_axes={'params': 0},
-        split_rngs={'params': True},
-        in_axes=nn.broadcast,
+        split_rngs={'params': True, 'dropout': True} if extra else {'params': True},
+        in_axes=(nn.broadcast, 0) if extra else nn.broadcast,
         length=self.depth,
         metadata_params={nn.PARTITION_NAME: 'layers'},  # Stacked params: [layers, ...].
       )
+      if extra:
+        return stack(**kw, name='layers')(x, key_mask, jnp.arange(self.depth))
       return stack(**kw, name='layers')(x, key_mask)
     outs = []
     for i in range(self.depth):
-      x, y = block_cls(**kw, name=f'layers_{i}')(x, key_mask)
+      args = (x, key_mask, i) if self.drop_path > 0 else (x, key_mask)
+      x, y = block_cls(**kw, name=f'layers_{i}')(*args)
       outs.append(y)
     return x, (jnp.stack(outs) if self.collect else None)
