@@ -12,12 +12,16 @@ Protocols (`eval.protocol`, see `stop_jax/eval/evaluators.py: PROTOCOLS`):
   standardised frozen features, l2 chosen on a held-out fifth of the train split (`logreg.py`).
 - linear: the full linear probe of VISSL on augmented images (`linear.py`).
 - knn: weighted k-NN on cosine similarity (`knn.py`).
+- davis: DAVIS 2017 video object segmentation by label propagation, scored J&F (`davis.py`).
 
 Every protocol runs on both feature types of `features.py` (avg-pooled last layer, and the
 concatenation of the avg-pooled last 4 layers). Results go to WORKDIR/eval/<name>.json and one
 summary line is printed (`stop_jax/eval/run.py`). Features of logreg/knn are cached in
 WORKDIR/eval/cache, so a second evaluation of the same checkpoint on the same data (e.g. another
 l2 grid) skips the encoder.
+
+A user error (a missing workdir, a bad key, data not prepared) is one `error: ...` line and exit
+status 2 (`--verbose` adds the traceback and the libraries' INFO logs).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from stop_jax.eval import run
+from stop_jax.runtime import cli
 
 
 def main(argv):
@@ -45,4 +50,4 @@ def _define_flags():
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

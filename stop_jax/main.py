@@ -9,10 +9,12 @@ other by themselves; elsewhere start one process per host with
 
 Exit status: 0 when the run finished; `distributed.PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL) when a
 SIGTERM stopped it after saving a checkpoint, i.e. "preempted: rerun the same command to resume";
-anything else is a failure.
+2 for a user error (a bad config key or value, data not prepared, a checkpoint that does not
+match), printed as one `error: ...` line (`--verbose` or STOP_JAX_TRACEBACK=1 adds the
+traceback); anything else is a failure. Rerunning a finished run prints that it is already
+complete and exits 0.
 """
 
-import logging as py_logging
 import os
 
 if __name__ == '__main__':
@@ -26,7 +28,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from stop_jax.runtime import distributed  # noqa: E402
+from stop_jax.runtime import cli, distributed  # noqa: E402
 from stop_jax.train import loop  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py[:arg]).')
@@ -49,15 +51,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
 
-def _quiet_libraries(record) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
-  return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_libraries)
   if os.environ.get('GLIBC_TUNABLES'):
     logging.info('GLIBC_TUNABLES=%s (see host_devices.py)', os.environ['GLIBC_TUNABLES'])
   try:
@@ -75,8 +71,9 @@ def main(argv) -> int:
       summary['steps'],
     )
     return distributed.PREEMPTED_EXIT_CODE
+  # A finished run (summary['already_complete']) printed its one line and changed nothing.
   return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -7,6 +7,7 @@ checkpoint.
 
 import json
 import pathlib
+import re
 import sys
 
 import nbformat
@@ -18,7 +19,7 @@ NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob('*.ipynb'))
 # The least number of figures (image/png outputs) each notebook must draw.
 MIN_FIGURES = {
   'quickstart.ipynb': 1,
-  'similarity_maps.ipynb': 3,  # learned A, random A, single draws
+  'similarity_maps.ipynb': 2,  # learned and random A (figures.similarity_figure), single draws
   'prediction_heatmaps.ipynb': 3,  # one per image
   'stop_regularisation.ipynb': 2,  # against sigma, along training
 }
@@ -39,6 +40,21 @@ def test_notebooks_are_registered_valid_and_stored_without_outputs():
     code = [c for c in nb.cells if c.cell_type == 'code']
     assert "'google.colab' in sys.modules" in code[0].source, name  # Colab install cell first
     assert not _outputs(nb) and all(c.execution_count is None for c in code), name
+
+
+def test_run_times_are_stated_once_in_the_readme_and_the_quickstart_points_there():
+  readme = (NOTEBOOK_DIR.parent / 'README.md').read_text()
+  headings = re.findall(r'^#+ (.+)$', readme, flags=re.M)
+  duration = re.compile(r'\b\d+(\.\d+)?\s*(min|minutes|s|seconds)\b|\d+m\d+s', re.I)
+  for name in NOTEBOOKS:
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    for cell in nb.cells:
+      assert not duration.search(cell.source), f'{name}: a run time belongs in the README'
+  quickstart = nbformat.read(NOTEBOOK_DIR / 'quickstart.ipynb', as_version=4).cells[0].source
+  pointer = re.search(r'the README\'s "([^"]+)" gives the time measured', quickstart)
+  assert pointer and pointer.group(1) in headings, quickstart
+  section = readme.split(pointer.group(1), 1)[1].split('\n## ', 1)[0]
+  assert re.search(r'\d+m\d+s', section)  # a measured time, in the section named
 
 
 @pytest.fixture(scope='session')

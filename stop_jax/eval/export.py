@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from stop_jax import config as config_lib
-from stop_jax.runtime import checkpointing, fileio
+from stop_jax.runtime import checkpointing, cli, fileio
 
 PARAMS_FILE = 'encoder_params.npz'
 CONFIG_FILE = 'config.json'
@@ -145,4 +145,4 @@ def _define_flags():
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -11,7 +11,9 @@ Guarantees (tests/test_checkpointing.py and tests/test_fault_tolerance.py check 
   (asynchronous: training goes on while the previous state is written); keeps the latest
   `checkpoint.keep` plus every step that is a multiple of `checkpoint.keep_every` for good.
 - A corrupt or partial latest checkpoint is detected at restore and the previous one is used,
-  with a warning. A checkpoint of another model fails with the list of mismatched arrays.
+  with a warning; the damaged steps are moved aside (`<step>.damaged-<time>`, kept for
+  inspection) so that the run saves them again when it gets there. A checkpoint of another
+  model fails with the list of mismatched arrays.
 - Restores onto any mesh: arrays are read straight into the shardings of the current mesh.
 - Any workdir orbax reaches: a local or shared path, or an object store (gs://...). On object
   stores orbax marks a finished step with a commit_success.txt file instead of the rename.
@@ -19,6 +21,8 @@ Guarantees (tests/test_checkpointing.py and tests/test_fault_tolerance.py check 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import threading
@@ -28,19 +32,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from stop_jax.runtime import fileio
+from stop_jax.runtime import cli, fileio
 
 STATE, META = 'state', 'meta'
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(cli.UserError, ValueError):
   """A checkpoint whose arrays do not match the model / config being restored into."""
 
 
-class NoUsableCheckpointError(RuntimeError):
+class NoUsableCheckpointError(cli.UserError, RuntimeError):
   """Checkpoints exist in the workdir but none of them can be read."""
 
 
@@ -149,6 +154,7 @@ class Checkpointer:
           + '\n  '.join(diff)
           + '\nUse another --workdir, or the config the run was started with.'
         )
+      restored = None
       try:
         restored = self.manager.restore(
           step,
@@ -164,17 +170,48 @@ class Checkpointer:
           type(e).__name__,
           e,
         )
+      # Each process reads only its own shards: a step counts as read when every process read
+      # it, so all of them resume from the same step.
+      if not _everywhere(restored is not None):
+        if restored is not None:
+          errors.append(f'step {step}: unreadable on another process')
         continue
       if step != steps[0]:
         logging.warning(
           'resuming from step %d, not from the damaged latest step %d', step, steps[0]
         )
+        self._set_aside([s for s in steps if s > step])
       logging.info('resuming from checkpoint at step %d', step)
       self.last_saved_step = step
       return restored[STATE], dict(restored[META] or {})
     raise NoUsableCheckpointError(
       f'no readable checkpoint in {self.directory}:\n  ' + '\n  '.join(errors)
     )
+
+  def _set_aside(self, steps: list[int]):
+    """Moves the damaged `steps` out of orbax's sight, kept for inspection.
+
+    Each `checkpoints/<step>` becomes `checkpoints/<step>.damaged-<UTC time>`, a name orbax
+    never takes for a step: the run saves those steps again when it reaches them (orbax refuses
+    to save over an existing step) and never falls back past them again. Process 0 moves them
+    while the others wait (a barrier on both sides: every process has finished reading).
+    """
+    _barrier('stop_jax: damaged checkpoints read')
+    if jax.process_index() == 0:
+      stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+      for step in steps:
+        src = epath.Path(self.directory) / str(step)
+        dst = epath.Path(self.directory) / f'{step}.damaged-{stamp}'
+        move_tree(src, dst)
+        logging.warning(
+          'moved the damaged checkpoint of step %d aside to %s (kept for inspection; delete it '
+          'when done); the run saves step %d again when it gets there',
+          step,
+          dst,
+          step,
+        )
+    _barrier('stop_jax: damaged checkpoints moved')
+    self.manager.reload()  # orbax caches the step list
 
   # --- save ----------------------------------------------------------------------------------
 
@@ -214,6 +251,75 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _everywhere(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(ok))).all())
+
+
+def _barrier(name: str):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def move_tree(src, dst):
+  """Moves a directory: a rename on a filesystem; on an object store, where a rename is a copy
+  and a delete, every object is copied (server side) through etils.epath (orbax's file layer),
+  then the source is deleted, its commit_success.txt first (a move cut short leaves either the
+  whole source or a step orbax no longer takes as finished, never a half step it restores)."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  if not fileio.is_remote(os.fspath(src)):
+    os.rename(src, dst)
+    return
+  for name, path in _files(src):
+    path.copy(dst / name)
+  marker = src / 'commit_success.txt'
+  if marker.exists():
+    marker.unlink()
+  src.rmtree(missing_ok=True)
+
+
+def _files(root) -> list[tuple[str, epath.Path]]:
+  """(name relative to root, path) of every file under the epath directory `root`."""
+
+  def bare(path) -> str:  # gcsfs walks without the scheme, tf.io.gfile with it
+    return os.fspath(path).split('://', 1)[-1].rstrip('/')
+
+  base, found = bare(root), []
+  for directory, _, names in root.walk():
+    sub = bare(directory)[len(base) :].strip('/')
+    found += [(f'{sub}/{n}' if sub else n, root / sub / n if sub else root / n) for n in names]
+  return found
+
+
+def committed_steps(workdir: str) -> list[int]:
+  """The finished checkpoint steps in `workdir/checkpoints`, sorted ([] if none); reads nothing
+  but the listing (and, on object stores, the commit markers)."""
+  directory = fileio.resolve(os.path.join(workdir, 'checkpoints'))
+  if not fileio.isdir(directory):
+    return []
+  manager = ocp.CheckpointManager(
+    directory, item_handlers=_handlers(), options=ocp.CheckpointManagerOptions(create=False)
+  )
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def step_fingerprint(workdir: str, step: int) -> dict:
+  """{'step', 'files', 'bytes', 'listing_sha256'} of `checkpoints/<step>`: its file names and
+  sizes, hashed. Written into summary.json at the end of a run, so that a rerun can tell that
+  the final checkpoint is still the one the summary describes (a truncated or deleted file
+  changes it) without reading any array."""
+  root = epath.Path(fileio.resolve(os.path.join(workdir, 'checkpoints'))) / str(step)
+  listing = sorted((name, path.stat().length) for name, path in _files(root))
+  digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+  total = sum(size for _, size in listing)
+  return {'step': step, 'files': len(listing), 'bytes': total, 'listing_sha256': digest}
 
 
 class PreemptionWatcher:

@@ -11,12 +11,14 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
+from stop_jax.runtime import cli
+
 _NVIDIA_GPUS = '/proc/driver/nvidia/gpus'  # one entry per GPU of the node (the driver's view)
 # What restricts the GPUs a process sees, in the order the CUDA / ROCm runtimes honour them.
 _VISIBLE_VARS = ('CUDA_VISIBLE_DEVICES', 'ROCR_VISIBLE_DEVICES', 'HIP_VISIBLE_DEVICES')
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(cli.UserError, ValueError):
   """Flags or environment that do not describe a runnable multi-process job."""
 
 

@@ -38,6 +38,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from stop_jax.runtime import cli
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # The mesh axes that may span several slices, and the config keys giving how many. Tensor
 # parallelism moves activations every layer: it stays inside a slice.
@@ -65,7 +67,7 @@ ACT_TOKENS = ('batch', 'length', 'act_embed')  # [B, N, D]
 ACT_HIDDEN = ('batch', 'length', 'act_mlp')  # [B, N, M]
 
 
-class MeshError(ValueError):
+class MeshError(cli.UserError, ValueError):
   """A mesh that cannot be built from the config and the devices; the message says why."""
 
 

@@ -31,7 +31,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from stop_jax import config as config_lib  # noqa: E402
 from stop_jax.data import masking  # noqa: E402
-from stop_jax.runtime import fileio, sharding  # noqa: E402
+from stop_jax.runtime import cli, fileio, sharding  # noqa: E402
 from stop_jax.train import setup  # noqa: E402
 from stop_jax.train.schedules import Schedules  # noqa: E402
 
@@ -133,4 +133,4 @@ if __name__ == '__main__':
     if FLAGS.output:
       fileio.write_json(FLAGS.output, info, indent=2, default=float)  # local or gs://
 
-  app.run(main)
+  cli.run(main)

@@ -22,11 +22,9 @@ has is `stop_jax.tools.official_layout`.
 from __future__ import annotations
 
 import collections
-import logging as py_logging
 import math
 import os
 import pickle
-import sys
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +38,7 @@ from ml_collections import config_flags
 from stop_jax import config as config_lib
 from stop_jax.eval import converted
 from stop_jax.models.layers import sincos_2d
-from stop_jax.runtime import fileio
+from stop_jax.runtime import cli, fileio
 from stop_jax.tools import official_layout
 
 PARTS = ('encoder', 'predictor', 'target_encoder')
@@ -49,7 +47,7 @@ DDP_PREFIX = 'module.'
 POS_TOLERANCE = 1e-5
 
 
-class ConversionError(ValueError):
+class ConversionError(cli.UserError, ValueError):
   """A checkpoint that does not fit the config, or a file that is not an official checkpoint."""
 
 
@@ -343,18 +341,11 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Orbax logs every save step at INFO; keep our own notes readable (its warnings still show).
-  logging.get_absl_handler().addFilter(
-    lambda r: r.levelno >= py_logging.WARNING or '/orbax/' not in r.pathname
-  )
   f = flags.FLAGS
-  try:
-    convert_file(f.torch_checkpoint, f.config, f.output, f.which, f.trust_pickle)
-  except (ConversionError, config_lib.ConfigError, OSError, ImportError) as e:
-    # The message names the problem; a traceback through our code would only bury it.
-    sys.exit(f'stop_jax.tools.convert: {e}')
+  convert_file(f.torch_checkpoint, f.config, f.output, f.which, f.trust_pickle)
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  # ConversionError and ConfigError are user errors; so are an unreadable file and a missing torch.
+  cli.run(main, user_errors=(OSError, ImportError))

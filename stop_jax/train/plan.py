@@ -27,6 +27,10 @@ class RunPlan:
   # (`masking.token_statistics`).
   mask_tokens: dict
   schedules: Schedules
+  # What the data source holds per split (`sources.split_counts`): for an image folder the files
+  # found, the images among them (the examples) and the non-image files ignored. Images that
+  # fail to decode are only known while training: summary.json's `corrupt_images`.
+  data: dict = dataclasses.field(default_factory=dict)
 
   def to_json_dict(self) -> dict:
     """The plan.json content: the fields above but the schedules (the config holds their inputs)."""
@@ -53,6 +57,7 @@ def plan_run(config: ml_collections.ConfigDict) -> RunPlan:
     spec,
     masking.token_statistics(spec),
     Schedules.from_config(config, steps_per_epoch),
+    {'source': config.data.source, 'splits': sources.split_counts(config)},
   )
 
 
@@ -72,6 +77,21 @@ def log_plan(plan: RunPlan):
     t['target_valid'],
     _figure(t['official_target']),
   )
+  logging.info('data (%s): %s', plan.data.get('source'), describe_data(plan.data))
+
+
+def describe_data(data: dict) -> str:
+  """'train: 1000 files, 998 images, 2 ignored (a/x.txt, b/y.txt); val: 50000 examples'."""
+  parts = []
+  for split, c in data.get('splits', {}).items():
+    if 'images' in c:
+      text = f'{split}: {c["files"]} files, {c["images"]} images, {c["ignored"]} ignored'
+      if c['ignored']:
+        text += f' ({", ".join(c["ignored_examples"])}{", ..." if c["ignored"] > 5 else ""})'
+    else:
+      text = f'{split}: {c["examples"]} examples'
+    parts.append(text)
+  return '; '.join(parts) or 'n/a'
 
 
 def _figure(value) -> str:

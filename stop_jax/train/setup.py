@@ -39,12 +39,18 @@ class ShardedStep:
   state_shardings: step_lib.TrainState
   batch_shardings: dict
   create: Callable  # rng -> sharded TrainState, created directly in its sharding
-  step: Callable  # jitted (state, batch, rng) -> (state, metrics); state donated
+  # jitted (state, batch, rng, limits) -> (state, metrics); state donated. limits: the
+  # divergence guard's bounds (`step.step_limits()` bounds nothing).
+  step: Callable
 
   def lower(self, config: ml_collections.ConfigDict, mask_spec: masking.MaskSpec):
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
     batch = batch_lib.abstract_batch(config, mask_spec, self.batch_shardings)
-    return self.step.lower(self.abstract_state, batch, rng)
+    limits = {
+      k: jax.ShapeDtypeStruct((), jnp.float32, sharding=self.replicated)
+      for k in step_lib.LIMIT_KEYS
+    }
+    return self.step.lower(self.abstract_state, batch, rng, limits)
 
   def compile(self, config: ml_collections.ConfigDict, mask_spec: masking.MaskSpec):
     """The step compiled ahead of time for the config's batch, with `compiler.compiler_options`."""
@@ -78,16 +84,16 @@ def make_sharded_step(
   )
   inner = step_lib.make_train_step(config, encoder, predictor, tx, schedules)
 
-  def step(state, batch, rng):
+  def step(state, batch, rng, limits):
     with sharding.activation_sharding(mesh):  # Active while jit traces the step.
-      return inner(state, batch, rng)
+      return inner(state, batch, rng, limits)
 
   replicated = NamedSharding(mesh, P())
   batch_sh = batch_lib.batch_shardings(mesh)
   jitted = jax.jit(
     step,
     donate_argnums=(0,),
-    in_shardings=(state_sh, batch_sh, replicated),
+    in_shardings=(state_sh, batch_sh, replicated, replicated),
     out_shardings=(state_sh, replicated),
   )
   return ShardedStep(mesh, encoder, predictor, tx, abstract, state_sh, batch_sh, create, jitted)

@@ -19,14 +19,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from stop_jax import config as config_lib
-from stop_jax.runtime import fileio
+from stop_jax.runtime import checkpointing, cli, fileio, metric_logging
 from stop_jax.train.plan import RunPlan
 
 # Written by process 0 and read by every process at start-up, then removed.
 SHARED_CHECK_FILE = '.stop_jax_shared_check'
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(cli.UserError, RuntimeError):
   """A workdir that cannot be used: not writable, or not the same directory on every process."""
 
 
@@ -36,12 +36,14 @@ RESUMABLE_CHANGES = (
   'log_every_steps',
   'checkpoint.',
   'eval.',
+  'finetune.',  # read by stop_jax.finetune only, never by pretraining
   'mesh.',
   'data.data_dir',
   'model.remat',
   'xla_cpu_matmul',
   'on_nonfinite',
   'max_consecutive_skips',
+  'divergence.',
 )
 
 
@@ -96,8 +98,70 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str):
 
 
 def write_summary(workdir: str, summary: dict):
-  """summary.json: what `train_and_evaluate` returned (numbers as plain floats)."""
-  fileio.write_json(os.path.join(workdir, 'summary.json'), summary, indent=2, default=float)
+  """summary.json: what `train_and_evaluate` returned (numbers as plain floats), strict JSON:
+  a non-finite value is the string "NaN", "Infinity" or "-Infinity" (as in metrics.jsonl)."""
+  text = json.dumps(summary, indent=2, default=float)  # numpy / jax scalars become floats
+  text = json.dumps(metric_logging.json_safe(json.loads(text)), indent=2, allow_nan=False)
+  fileio.write_text(os.path.join(workdir, 'summary.json'), text)
+
+
+def summary_path(workdir: str) -> str:
+  return os.path.join(workdir, 'summary.json')
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir: str, final_names) -> dict | None:
+  """summary.json of a run that has nothing left to do, else None; the same on every process.
+
+  Finished: summary.json holds final metrics for total_steps (not a preempted run), the latest
+  checkpoint is at that step with the files summary.json recorded (`final_checkpoint`: names
+  and sizes, so a damaged final checkpoint is resumed from, i.e. repaired), and it has a result for each end-of-run evaluator the config asks
+  for (`final_names`), unless `eval.rerun_final` asks to run them again. total_steps is the
+  config's, or, for an epoch-based run (total_steps <= 0), plan.json's when the saved config
+  was epoch-based too (the config check has made sure the rest is unchanged). Reads only small
+  files and the checkpoint listing: nothing is compiled, probed or counted.
+  """
+  found = None
+  if jax.process_index() == 0:
+    found = _finished_summary(config, workdir, final_names)
+  if jax.process_count() > 1:
+    flag = multihost_utils.broadcast_one_to_all(np.int32(found is not None))
+    if int(flag) and found is None:
+      found = fileio.read_json(summary_path(workdir))
+    elif not int(flag):
+      found = None
+  return found
+
+
+def _finished_summary(config, workdir: str, final_names) -> dict | None:
+  if config.eval.rerun_final or not fileio.exists(summary_path(workdir)):
+    return None
+  try:
+    summary = fileio.read_json(summary_path(workdir))
+  except ValueError:  # a summary.json that does not parse: not a finished run
+    return None
+  steps = summary.get('steps')
+  if summary.get('preempted') or not summary.get('final_metrics') or not isinstance(steps, int):
+    return None
+  total = config.total_steps
+  if total <= 0:
+    saved, plan = (os.path.join(workdir, name) for name in ('config.json', 'plan.json'))
+    if not (fileio.exists(saved) and fileio.exists(plan)):
+      return None
+    if fileio.read_json(saved).get('total_steps', 1) > 0:
+      return None
+    total = fileio.read_json(plan).get('total_steps')
+  if steps != total or any(name not in summary for name in final_names):
+    return None
+  committed = checkpointing.committed_steps(workdir)
+  if not committed or committed[-1] != total:
+    return None
+  # The final checkpoint must still be the one the summary was written for: a damaged one
+  # (say, a truncated file) sends the rerun down the resume path, which falls back and repairs.
+  # (Summaries written before fingerprints existed are taken as they are.)
+  recorded = summary.get('final_checkpoint')
+  if recorded is not None and recorded != checkpointing.step_fingerprint(workdir, total):
+    return None
+  return summary
 
 
 def barrier(name: str):
@@ -106,20 +170,29 @@ def barrier(name: str):
     multihost_utils.sync_global_devices(name)
 
 
-def prepare(config: ml_collections.ConfigDict, plan: RunPlan, workdir: str):
-  """Start-up of a run directory, on every process.
+def check(config: ml_collections.ConfigDict, workdir: str):
+  """Start-up of a run directory, on every process, before anything is written into it.
 
-  The workdir is checked to be shared, every process compares the config with the workdir's
-  config.json (all raise the same ConfigError, or none does), and only then does process 0
-  replace config.json and plan.json, behind barriers on both sides: no process ever reads
-  config.json while process 0 rewrites it.
+  The workdir is checked to be shared and every process compares the config with the
+  workdir's config.json (all raise the same ConfigError, or none does); a barrier follows, so
+  `save` (process 0 replacing config.json) never runs while another process reads it.
   """
   check_shared(workdir)
   check_workdir_config(config, workdir)
   barrier('stop_jax: config.json read')
+
+
+def save(config: ml_collections.ConfigDict, plan: RunPlan, workdir: str):
+  """After `check`: process 0 replaces config.json and plan.json; every process waits for it."""
   if jax.process_index() == 0:
     save_config(config, plan, workdir)
   barrier('stop_jax: config.json written')
+
+
+def prepare(config: ml_collections.ConfigDict, plan: RunPlan, workdir: str):
+  """`check`, then `save`."""
+  check(config, workdir)
+  save(config, plan, workdir)
 
 
 def _token() -> str:

@@ -1,5 +1,8 @@
 """The sources: digits splits, synthetic examples, folder listings, tfds, start-up errors."""
 
+import logging
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -103,3 +106,37 @@ def test_missing_or_empty_folder_fails_at_start(tmp_path):
   sources.folder_classes.cache_clear()
   with pytest.raises(sources.DatasetNotReadyError, match='one directory per class'):
     train_stream.create_train_iterator(config, spec)
+
+
+def _folder_with_strays(root):
+  """2 classes of 3 PNGs, plus a note, a hidden file and a sub-directory in class `a`."""
+  for name in ('a', 'b'):
+    os.makedirs(os.path.join(root, 'train', name))
+    for i in range(3):
+      with open(os.path.join(root, 'train', name, f'{i}.png'), 'wb') as f:
+        f.write(tf.io.encode_png(np.full((4, 4, 3), i, np.uint8)).numpy())
+  for stray in ('notes.txt', '.DS_Store'):
+    open(os.path.join(root, 'train', 'a', stray), 'w').close()
+  os.makedirs(os.path.join(root, 'train', 'a', 'extra'))
+
+
+def test_folder_census_counts_and_names_the_ignored_files(tmp_path, caplog):
+  root = str(tmp_path)
+  _folder_with_strays(root)
+  with caplog.at_level(logging.WARNING):
+    paths, _ = sources.folder_files(root, 'train', 'train')
+  assert len(paths) == 6
+  census = sources.folder_census(root, 'train')
+  assert census == {
+    'files': 9,
+    'images': 6,
+    'ignored': 3,
+    'ignored_examples': ['a/.DS_Store', 'a/extra', 'a/notes.txt'],
+  }
+  warned = ' '.join(r.getMessage() for r in caplog.records)
+  assert '3 of 9 files ignored' in warned and 'a/notes.txt' in warned
+  # The plan's per-split counts: the eval split 'val' does not exist and is left out.
+  config = small_config('folder', data_dir=root, train_split='train', eval_split='val')
+  assert sources.split_counts(config) == {'train': census}
+  digits = sources.split_counts(small_config('digits', train_split='train', eval_split='test'))
+  assert digits == {'train': {'examples': 1437}, 'test': {'examples': 360}}

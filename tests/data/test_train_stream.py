@@ -179,10 +179,13 @@ def _tfds_file_names(files, keys):
 @pytest.mark.parametrize('source', ['folder', pytest.param('tfds', marks=pytest.mark.slow)])
 def test_corrupt_images_are_skipped_and_reported(corrupt_files, source, caplog):
   config = file_config(corrupt_files, source, batch=7)
-  it = train_stream.create_train_iterator(config, masking.spec_from_config(config))
+  counter = train_stream.CorruptImages(before=5)  # 5 from the sessions before a resume
+  it = train_stream.create_train_iterator(config, masking.spec_from_config(config), corrupt=counter)
   with caplog.at_level(logging.WARNING):
     got = list(itertools.islice(it, 6))  # 42 rows: one epoch of 40 good + 2 corrupt files
   assert it.step == 6 and len(it.corrupt) == 2
+  # What checkpoints and summary.json get: the batches before the step, earlier sessions too.
+  assert counter.total(6) == 7 and counter.total(0) == 5
   names = (
     [os.path.basename(k) for k in it.corrupt]
     if source == 'folder'

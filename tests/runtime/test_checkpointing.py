@@ -104,8 +104,14 @@ def _steps(workdir) -> list[int]:
 
 
 def _losses(workdir) -> dict[int, float]:
+  """{step: loss}; every line strict JSON (a non-finite loss is the string "NaN")."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return {x['step']: x['loss'] for x in map(json.loads, f) if 'loss' in x}
+    rows = [json.loads(line, parse_constant=_reject) for line in f]
+  return {x['step']: float(x['loss']) for x in rows if 'loss' in x}
+
+
+def _reject(name):
+  raise AssertionError(f'metrics.jsonl holds the non-JSON constant {name}')
 
 
 def _all_finite(tree) -> bool:
@@ -395,3 +401,116 @@ def test_every_minutes_saves_by_time(tmp_path):
   _train(config, tmp_path / 'every3')
   steps = _steps(tmp_path / 'every3')
   assert steps == [3, 6, 9], steps
+
+
+# --- a damaged checkpoint never bricks a run; reruns of a finished run ----------------------------
+
+
+def _final_state(workdir, step):
+  loaded_step, tree = checkpointing.load_checkpoint(str(workdir), step=step)
+  assert loaded_step == step
+  return tree
+
+
+def _train_rows(workdir) -> list[int]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [x['step'] for x in map(json.loads, f) if 'loss' in x]
+
+
+def _forbid_compiling(monkeypatch):
+  def fail(*args, **kwargs):
+    raise AssertionError('the train step was compiled')
+
+  monkeypatch.setattr(setup.ShardedStep, 'compile', fail)
+
+
+@QUIET_FAILED_READS
+def test_damaged_final_checkpoint_is_moved_aside_and_reruns_finish_like_an_uninterrupted_run(
+  two_checkpoints, tmp_path, capsys
+):
+  workdir = _copy(two_checkpoints, tmp_path)
+  _truncate_array_data(os.path.join(workdir, 'checkpoints', '4'))
+  config = _config(4, every_steps=2)
+  # Resumes from step 2, recomputes 3 and 4 and saves step 4 again (orbax used to refuse:
+  # StepAlreadyExistsError, on this rerun and every later one).
+  summary = loop.train_and_evaluate(config, str(workdir))
+  assert summary['steps'] == 4 and not summary.get('already_complete')
+  (aside,) = [n for n in os.listdir(workdir / 'checkpoints') if not n.isdigit()]
+  assert aside.startswith('4.damaged-'), aside  # kept for inspection, out of orbax's sight
+  assert os.listdir(workdir / 'checkpoints' / aside / 'state')
+  assert _steps(workdir) == [2, 4]
+  assert _train_rows(workdir) == [1, 2, 3, 4]  # rows 3 and 4 once: cut back to step 2 first
+  _assert_trees_equal(_final_state(workdir, 4), _final_state(two_checkpoints, 4))  # bitwise
+  assert _losses(workdir) == _losses(two_checkpoints)
+
+  # Rerun again: finished, nothing changes.
+  files = {n: open(workdir / n, 'rb').read() for n in ('metrics.jsonl', 'summary.json')}
+  capsys.readouterr()
+  again = loop.train_and_evaluate(config, str(workdir))
+  assert again['already_complete']
+  assert 'already complete at step 4' in capsys.readouterr().out
+  assert files == {n: open(workdir / n, 'rb').read() for n in files}
+
+
+def test_rerun_of_a_finished_run_changes_nothing_and_compiles_nothing(
+  two_checkpoints, tmp_path, capsys, monkeypatch
+):
+  workdir = _copy(two_checkpoints, tmp_path)
+  names = ('metrics.jsonl', 'summary.json', 'config.json', 'plan.json')
+  before = {n: open(workdir / n, 'rb').read() for n in names}
+  assert json.loads(before['summary.json'])['final_metrics']['loss'] > 0
+  _forbid_compiling(monkeypatch)
+  summary = loop.train_and_evaluate(_config(4, every_steps=2), str(workdir))
+  path = os.path.join(os.path.abspath(workdir), 'summary.json')
+  line = f'already complete at step 4 (summary: {path})'
+  assert capsys.readouterr().out.strip() == line
+  assert summary['already_complete'] and summary['message'] == line and summary['steps'] == 4
+  assert before == {n: open(workdir / n, 'rb').read() for n in names}
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+
+  # Asked for: the end-of-run evaluators run again (none here) on the restored final state,
+  # still without compiling the train step; summary.json keeps the final metrics.
+  config = _config(4, every_steps=2)
+  config.eval.rerun_final = True
+  summary = loop.train_and_evaluate(config, str(workdir))
+  assert 'already_complete' not in summary
+  rewritten = json.loads(open(workdir / 'summary.json').read())
+  assert rewritten['final_metrics'] == json.loads(before['summary.json'])['final_metrics']
+  assert rewritten['final_checkpoint'] == checkpointing.step_fingerprint(str(workdir), 4)
+  assert open(workdir / 'metrics.jsonl', 'rb').read() == before['metrics.jsonl']
+
+
+def test_damaged_steps_are_moved_aside_on_gcs_too():
+  """On an object store a rename is a copy and a delete: every object of the step moves."""
+  from etils import epath
+
+  from tests import gcs_emulator
+
+  emulator = gcs_emulator.Emulator()
+  try:
+    emulator.create_bucket('ckpt')
+    with gcs_emulator.in_this_process(emulator):
+      workdir = 'gs://ckpt/run'
+      root = epath.Path(f'{workdir}/checkpoints')
+      files = ('state/_METADATA', 'state/d/0a1b', 'meta/metadata', 'commit_success.txt')
+      for step in (2, 4):
+        for name in files:
+          (root / str(step) / name).write_text(f'{step}:{name}')
+      assert checkpointing.committed_steps(workdir) == [2, 4]
+      fingerprint = checkpointing.step_fingerprint(workdir, 4)
+      assert fingerprint['files'] == 4 and fingerprint['bytes'] > 0
+      ckpt = checkpointing.Checkpointer(workdir, _config(4))
+      try:
+        assert sorted(ckpt.manager.all_steps()) == [2, 4]
+        ckpt._set_aside([4])
+        assert sorted(ckpt.manager.all_steps()) == [2]  # orbax no longer sees step 4 ...
+      finally:
+        ckpt.close()
+      moved = emulator.names('ckpt', 'run/checkpoints/4.damaged-')
+      (aside,) = {n.split('/')[2] for n in moved}
+      assert sorted(moved) == sorted(f'run/checkpoints/{aside}/{n}' for n in files)  # ... kept
+      assert not emulator.names('ckpt', 'run/checkpoints/4/')
+      assert emulator.read('ckpt', f'run/checkpoints/{aside}/state/d/0a1b') == b'4:state/d/0a1b'
+      assert checkpointing.committed_steps(workdir) == [2]
+  finally:
+    emulator.stop()

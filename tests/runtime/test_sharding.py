@@ -30,6 +30,7 @@ WORKER = textwrap.dedent(
   from stop_jax.runtime import sharding
   from stop_jax.train import plan as plan_lib
   from stop_jax.train import setup
+  from stop_jax.train import step as step_lib
   import tiny
 
   def config(mesh):
@@ -56,12 +57,13 @@ WORKER = textwrap.dedent(
     sharded = setup.make_sharded_step(c, mesh, plan.schedules)
     state = sharded.create(jax.random.key(0))
     rng = jax.device_put(jax.random.key(1), sharded.replicated)
+    limits = jax.device_put(step_lib.step_limits(), sharded.replicated)  # none
     it = train_stream.create_train_iterator(c, plan.mask_spec, 0, 0, 1)
     step = sharded.compile(c, plan.mask_spec)
     losses = []
     for _ in range(3):
       batch = batch_lib.to_global(next(it), sharded.batch_shardings)
-      state, metrics = step(state, batch, rng)
+      state, metrics = step(state, batch, rng, limits)
       losses.append(float(metrics['loss']))
     qkv = state.params['encoder']['blocks']['layers']['attn']['qkv']['kernel']
     fc1 = state.params['encoder']['blocks']['layers']['fc1']['kernel']

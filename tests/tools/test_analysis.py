@@ -12,7 +12,7 @@ import pytest
 from stop_jax import config as config_lib
 from stop_jax.models.layers import sincos_2d
 from stop_jax.runtime import checkpointing
-from stop_jax.tools.analysis import heatmaps, regularisation, runs, similarity
+from stop_jax.tools.analysis import figures, heatmaps, regularisation, runs, similarity
 from stop_jax.train import step as step_lib
 
 matplotlib.use('Agg')
@@ -214,11 +214,14 @@ def test_plot_similarity_maps_axes_and_data():
 
 def test_softmax_sums_to_one_and_an_exact_prediction_points_at_its_patch():
   tokens = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
-  probs = heatmaps.token_similarity_softmax(tokens, tokens)  # each token predicted exactly
+  probs = heatmaps.token_similarity_softmax(tokens, tokens, 1.0)  # each token predicted exactly
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   np.testing.assert_array_equal(probs.argmax(-1), np.arange(64))
-  sharp = heatmaps.token_similarity_softmax(tokens, tokens, temperature=0.1)
+  sharp = heatmaps.token_similarity_softmax(tokens, tokens)  # the default temperature, 0.1
+  np.testing.assert_allclose(sharp.sum(-1), 1.0, rtol=1e-5)
   assert np.all(sharp.max(-1) > probs.max(-1))
+  with pytest.raises(ValueError, match='temperature=0'):
+    heatmaps.token_similarity_softmax(tokens, tokens, 0)
 
 
 def test_sample_target_mask_is_one_block_and_a_disjoint_context():
@@ -249,6 +252,78 @@ def test_prediction_heatmaps_from_the_real_model(run, monkeypatch):
   all_patches = np.flatnonzero(tgt)
   exact = heatmaps.prediction_heatmaps(run, image, ctx, tgt, all_patches[::-1])
   np.testing.assert_array_equal(exact.reshape(len(all_patches), -1).argmax(-1), all_patches[::-1])
+
+
+@pytest.mark.slow
+def test_padded_compiled_prediction_equals_the_model_applied_to_the_bare_indices(run):
+  image = np.random.default_rng(2).normal(size=(32, 32, 3)).astype(np.float32)
+  ctx, tgt = heatmaps.sample_target_mask(run.config, seed=4)
+  ctx_idx, tgt_idx = np.flatnonzero(ctx)[None], np.flatnonzero(tgt)[None, None]
+
+  @jax.jit  # one compile instead of one per operation
+  def bare(params, rng):
+    feats = run.encoder.apply({'params': params['encoder']}, image[None], ctx_idx)
+    args = ({'params': params['predictor']}, feats, ctx_idx, tgt_idx)
+    if rng is None:
+      return run.predictor.apply(*args, deterministic=True)[0, 0]
+    return run.predictor.apply(*args, rngs={'stop': rng})[0, 0]
+
+  for rng in (None, jax.random.key(5)):
+    padded = heatmaps.predict_masked_tokens(run, image, ctx, tgt, rng)
+    assert padded.shape == (tgt.sum(), run.config.model.width)
+    np.testing.assert_allclose(padded, bare(run.params, rng), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_heatmap_figures_show_runs_side_by_side_with_contrast(run):
+  images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  compared = figures.compared_runs(run, run)
+  assert list(compared) == [figures.run_label(run), f'{figures.run_label(run)} (baseline)']
+  figs, panels = figures.heatmap_figures(compared, images, noise_draws=1)
+  assert len(figs) == len(panels) == 2
+  overlays = [ax for ax in figs[0].axes if len(ax.images) == 2]  # image + heatmap
+  assert len(overlays) == 4 and len(figs[0].axes) == 1 + 4 + 1  # masked image, maps, colour bar
+  for panel in panels:
+    assert list(panel.maps) == [t for name in compared for t in (name, f'{name}, draw 0')]
+    assert panel.tgt_mask[panel.patch] and not panel.ctx_mask[panel.patch]
+    maps = np.stack(list(panel.maps.values()))
+    assert np.all(maps.max(axis=(1, 2)) / maps.min(axis=(1, 2)) > 4)  # contrast at 0.1
+  flat = heatmaps.heatmap_panels(compared, images[:1], temperature=1.0)[0]
+  first = flat.maps[figures.run_label(run)]
+  assert first.max() / first.min() < 2  # temperature 1: nearly uniform, as the issue found
+  # softmax(c / 1) is softmax(c / 0.1) ** 0.1, renormalised: the temperature divides the cosines.
+  expected = panels[0].maps[figures.run_label(run)] ** 0.1
+  np.testing.assert_allclose(first, expected / expected.sum(), rtol=1e-4)
+
+
+def test_compared_runs_refuse_another_resolution():
+  run = runs.Run('stop_run', _tiny(), 30, {}, {})
+  bigger = _tiny(**{'model.image_size': 64, 'stop.mode': 'off'})
+  baseline = runs.Run('ijepa_run', bigger, 20, {}, {})
+  assert figures.run_label(run) == 'StoP (sigma=0.25), step 30'
+  with pytest.raises(figures.FiguresError, match='ijepa_run has 64px images on a .16, 16. patch'):
+    figures.compared_runs(run, baseline)
+  same = runs.Run('ijepa_run', _tiny(**{'stop.mode': 'off'}), 20, {}, {})
+  assert list(figures.compared_runs(run, same)) == [
+    'StoP (sigma=0.25), step 30',
+    'I-JEPA, step 20',
+  ]
+
+
+def test_write_figures_names_what_is_missing(tmp_path):
+  def error(workdir, match, **kwargs):
+    with pytest.raises(figures.FiguresError, match=match):
+      figures.write_figures(str(workdir), str(tmp_path / 'out'), **kwargs)
+
+  error(tmp_path / 'none', 'does not exist')
+  (tmp_path / 'empty').mkdir()
+  error(tmp_path / 'empty', 'has no config.json')
+  _write_run(tmp_path / 'untrained', 0.25, [])
+  (tmp_path / 'untrained' / 'checkpoints').mkdir()
+  error(tmp_path / 'untrained', 'has no checkpoint in .*checkpoints: train it first')
+  error(tmp_path / 'untrained', r'--temperature=0 is not allowed', temperature=0)
+  error(tmp_path / 'untrained', r'--num_images=0 is not allowed', num_images=0)
+  assert not (tmp_path / 'out').exists()
 
 
 def test_prediction_inputs_are_checked():
@@ -306,6 +381,22 @@ def sigma_runs(tmp_path):
     rows = [{'step': s, 'A_norm': 10 * sigma + s, 'A_bias_norm': sigma + s / 10} for s in (5, 10)]
     runs.append(_write_run(tmp_path / f'{mode}_{sigma}', sigma, rows, mode))
   return runs
+
+
+def test_fig4_against_sigma_only_when_the_runs_span_two_sigmas(sigma_runs):
+  both = figures.regularisation_figures(sigma_runs)
+  assert list(both) == ['fig4_training', 'fig4_sigma']
+  assert len(both['fig4_training'].axes[0].lines) == 4  # one curve per run
+  masked = both['fig4_sigma'].axes[0].lines[0]
+  np.testing.assert_array_equal(masked.get_xdata(), [0.0, 0.25, 0.5])
+  assert list(figures.regularisation_figures(sigma_runs[:1])) == ['fig4_training']
+
+
+def test_metric_series_leaves_out_null_values(tmp_path):
+  rows = [{'step': 5, 'loss': 1.0}, {'step': 10, 'loss': None}, {'step': 15, 'loss': 0.5}]
+  steps, values = regularisation.metric_series(rows, 'loss')  # strict JSON: non-finite is null
+  np.testing.assert_array_equal(steps, [5, 15])
+  np.testing.assert_array_equal(values, [1.0, 0.5])
 
 
 def test_regularisation_table_is_sorted_by_sigma(sigma_runs):

@@ -132,7 +132,7 @@ def baseline(tmp_path_factory) -> dict:
   assert [s for s, _ in entries] == list(range(1, STEPS + 1))
   step, tree = checkpointing.load_checkpoint(str(workdir))
   assert step == STEPS
-  return {'losses': dict(entries), 'final': _flat(tree)}
+  return {'losses': dict(entries), 'final': _flat(tree), 'workdir': workdir}
 
 
 def _assert_same_as_baseline(workdir, baseline):
@@ -259,9 +259,37 @@ def test_checkpoint_saved_on_8_devices_resumes_on_4_with_the_same_next_loss(tmp_
   assert '4 global devices' in log4
   assert int(RESUMED.search(log4).group(1)) == 2
   (step8, loss8), (step4, loss4) = _entries(on8)[-1], _entries(on4)[-1]
-  assert step8 == step4 == 3 and len(_entries(on4)) == 4  # steps 1, 2, 3, then 3 again
+  # Steps 1, 2, 3: the rerun cut the file back to step 2 before logging step 3 again.
+  assert step8 == step4 == 3 and [s for s, _ in _entries(on4)] == [1, 2, 3]
   np.testing.assert_allclose(loss4, loss8, rtol=1e-5)
   _, tree8 = checkpointing.load_checkpoint(str(on8))
   _, tree4 = checkpointing.load_checkpoint(str(on4))
   for key, value in _flat(tree4['params']).items():
     np.testing.assert_allclose(value, _flat(tree8['params'])[key], rtol=1e-4, atol=1e-6)
+
+
+def _snapshot(workdir) -> dict[str, bytes]:
+  """Every file of the run directory: relative path -> content."""
+  files = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      files[os.path.relpath(path, workdir)] = open(path, 'rb').read()
+  return files
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_says_so_exits_0_and_changes_nothing(baseline, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(baseline['workdir'], workdir)
+  before = _snapshot(workdir)
+  assert json.loads(before['summary.json'])['final_metrics']['loss'] > 0
+  started = time.monotonic()
+  log = _run(workdir, tmp_path / 'rerun.log')  # the same command; asserts exit status 0
+  took = time.monotonic() - started
+  summary = os.path.join(os.path.abspath(workdir), 'summary.json')
+  assert f'already complete at step {STEPS} (summary: {summary})' in log, log[-3000:]
+  # Nothing compiled, probed or appended; not one file of the run changed.
+  assert 'compiled the train step' not in log and 'resuming from' not in log
+  assert _snapshot(workdir) == before
+  assert took < 120, took  # start-up only

@@ -50,6 +50,7 @@ def test_save_config_writes_the_config_and_the_plan_without_schedules(tmp_path):
     'total_steps',
     'mask_spec',
     'mask_tokens',
+    'data',
   ]
   assert written['num_train_examples'] == 1437 and written['steps_per_epoch'] == 1437 // 128
   assert written['total_steps'] == 4 and written['mask_spec']['grid'] == [8, 8]
@@ -87,6 +88,20 @@ def test_check_workdir_config_refuses_another_config_unless_allowed(tmp_path, ca
   with caplog.at_level(logging.WARNING):
     workdir_lib.check_workdir_config(other, str(tmp_path))
   assert 'optim.lr: 0.001 -> 0.002' in caplog.text
+
+
+def test_write_summary_is_strict_json_with_non_finite_values_as_strings(tmp_path):
+  summary = {'final_metrics': {'loss': np.float32('nan'), 'grad_norm': float('inf')}, 'n': 2}
+  workdir_lib.write_summary(str(tmp_path), summary)
+
+  def reject(name):
+    raise AssertionError(f'summary.json holds the non-JSON constant {name}')
+
+  text = open(os.path.join(tmp_path, 'summary.json')).read()
+  assert json.loads(text, parse_constant=reject) == {
+    'final_metrics': {'loss': 'NaN', 'grad_norm': 'Infinity'},
+    'n': 2,
+  }
 
 
 def test_write_summary_writes_numbers_as_floats(tmp_path):

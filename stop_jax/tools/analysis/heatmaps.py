@@ -2,11 +2,15 @@
 
 For an image, a context, one target block and one masked patch (`prediction_heatmaps`): the
 softmax over the image's patches of the cosine similarity between the predictor's output at that
-patch and the target encoder's (layer-normed) features of every patch, the training targets.
+patch and the target encoder's (layer-normed) features of every patch, the training targets,
+divided by a temperature (`DEFAULT_TEMPERATURE`). `heatmap_panels` does it for several images
+and runs (StoP next to I-JEPA) with the same masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +26,17 @@ from stop_jax.tools.analysis.similarity import similarity
 from stop_jax.train import step as step_lib
 
 TARGET_RGB = (0.1, 0.1, 0.45)  # Fill of the target block in the plots.
+
+# Softmax temperature of the Fig. 6 maps. A prediction's cosine similarities to the tokens of one
+# image lie in a narrow band (the targets are layer-normed features of the same image, so they
+# share much of their direction): at temperature 1 the map is nearly uniform (every patch close
+# to 1 / (h * w)) and its structure only shows through a colour scale stretched to its range.
+# Dividing by 0.1 turns each 0.1 of cosine into a factor e in probability, so the band becomes
+# an order of magnitude or more between the least and the most similar patch, while the map
+# still spreads over many patches (a smaller value tends to a single arg-max patch and hides
+# the second-best locations that tell StoP from I-JEPA). 0.1 is also the scale of the
+# temperatures contrastive methods use on cosine similarities, and `similarity.map_entropy`'s.
+DEFAULT_TEMPERATURE = 0.1
 
 
 def sample_target_mask(
@@ -60,10 +75,29 @@ def _check_masks(ctx_mask, tgt_mask, num_patches: int):
   return ctx_mask, tgt_mask
 
 
+def _padded(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The raster indices of a bool [N] mask padded to N slots: int32 [N] and valid bool [N]."""
+  idx = np.zeros(mask.size, np.int32)
+  idx[: mask.sum()] = np.flatnonzero(mask)
+  return idx, np.arange(mask.size) < mask.sum()
+
+
+@functools.partial(jax.jit, static_argnames=('encoder', 'predictor'))
+def _predict(encoder, predictor, params, images, ctx_idx, ctx_valid, tgt_idx, tgt_valid, rng):
+  """Context encoder then predictor, as in training: [B, Kt, d_e] for tgt_idx [B, Kt]."""
+  ctx = encoder.apply({'params': params['encoder']}, images, ctx_idx, ctx_valid)
+  noise = {'deterministic': True} if rng is None else {'rngs': {'stop': rng}}
+  args = (ctx, ctx_idx, tgt_idx[None], ctx_valid, tgt_valid[None])
+  return predictor.apply({'params': params['predictor']}, *args, **noise)[0]
+
+
 def predict_masked_tokens(
   run: Run, image, ctx_mask, tgt_mask, rng: jax.Array | None = None
 ) -> np.ndarray:
   """The predictor's outputs at the target patches of one image, as in training.
+
+  Both index sets are padded to all h * w slots (padding is never attended to, as in training),
+  so that every mask of a run shares one compiled computation.
 
   Args:
     run: the model (config and params).
@@ -75,26 +109,29 @@ def predict_masked_tokens(
   """
   h, w = run.grid
   ctx_mask, tgt_mask = _check_masks(ctx_mask, tgt_mask, h * w)
-  ctx_idx = np.flatnonzero(ctx_mask).astype(np.int32)[None]  # [1, Kc]
-  tgt_idx = np.flatnonzero(tgt_mask).astype(np.int32)[None, None]  # [1, 1, Kt]
+  (ctx_idx, ctx_valid), (tgt_idx, tgt_valid) = _padded(ctx_mask), _padded(tgt_mask)
   images = jnp.asarray(image, jnp.float32)[None]  # [1, H, W, 3]
-  ctx = run.encoder.apply({'params': run.params['encoder']}, images, ctx_idx)
-  noise = {'deterministic': True} if rng is None else {'rngs': {'stop': rng}}
-  pred = run.predictor.apply({'params': run.params['predictor']}, ctx, ctx_idx, tgt_idx, **noise)
-  return np.asarray(pred[0, 0], np.float32)
+  batch = (ctx_idx[None], ctx_valid[None], tgt_idx[None], tgt_valid[None])  # [1, N] each
+  pred = _predict(run.encoder, run.predictor, run.params, images, *batch, rng)
+  return np.asarray(pred[0, : tgt_mask.sum()], np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=('encoder', 'num_layers', 'combine'))
+def _target_features(encoder, target_params, images, num_layers, combine):
+  return step_lib.target_features(encoder, target_params, images, num_layers, combine)
 
 
 def image_tokens(run: Run, image) -> np.ndarray:
   """The training targets of every patch: layer-normed target-encoder features, [h * w, d_e]."""
   images = jnp.asarray(image, jnp.float32)[None]
   loss = run.config.loss
-  feats = step_lib.target_features(
+  feats = _target_features(
     run.encoder, run.target_params, images, loss.num_target_layers, loss.multi_layer_target
   )
   return np.asarray(feats[0], np.float32)
 
 
-def token_similarity_softmax(pred, tokens, temperature: float = 1.0) -> np.ndarray:
+def token_similarity_softmax(pred, tokens, temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
   """softmax_k(cos(pred, token_k) / temperature): where in the image a prediction points.
 
   Args:
@@ -115,7 +152,7 @@ def prediction_heatmaps(
   tgt_mask,
   patches: Sequence[int],
   rng: jax.Array | None = None,
-  temperature: float = 1.0,
+  temperature: float = DEFAULT_TEMPERATURE,
 ) -> np.ndarray:
   """Fig. 6 maps: where in the image the prediction at each chosen target patch points.
 
@@ -125,7 +162,7 @@ def prediction_heatmaps(
   Args:
     run, image, ctx_mask, tgt_mask, rng: as for `predict_masked_tokens`.
     patches: P raster indices, each inside the target block.
-    temperature: softmax temperature (the paper: 1).
+    temperature: softmax temperature, > 0 (`DEFAULT_TEMPERATURE` says why not 1).
   Returns:
     float32 [P, h, w], each map summing to 1.
   """
@@ -141,6 +178,57 @@ def prediction_heatmaps(
   rows = np.searchsorted(tgt_idx, patches)
   probs = token_similarity_softmax(pred[rows], image_tokens(run, image), temperature)
   return probs.reshape(len(patches), h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeatmapPanel:
+  """One image of Fig. 6: its masks, the chosen patch and one map per run (or noise draw)."""
+
+  image: np.ndarray  # normalised [H, W, 3]
+  ctx_mask: np.ndarray  # bool [h * w]
+  tgt_mask: np.ndarray  # bool [h * w]
+  patch: int  # raster index in the target block: the middle one
+  maps: dict[str, np.ndarray]  # title -> float32 [h, w], each summing to 1
+
+
+def heatmap_panels(
+  compared: Mapping[str, Run],
+  images,
+  temperature: float = DEFAULT_TEMPERATURE,
+  seed: int = 0,
+  noise_draws: int = 0,
+) -> list[HeatmapPanel]:
+  """Fig. 6 maps of every image for every run, each image with the same masks for all runs.
+
+  Image i gets the context and target block `sample_target_mask(first run's config, seed + i)`
+  and the middle patch of that block. Each run contributes its noise-free prediction (the mean
+  position psi_j + b, what I-JEPA always uses) and, with `noise_draws` > 0, that many StoP draws.
+
+  Args:
+    compared: title -> run, all on one patch grid.
+    images: normalised [N, H, W, 3].
+  Returns:
+    N panels, maps titled `title` (noise off) and `title, draw k`.
+  """
+  if not compared:
+    raise ValueError('no run to draw.')
+  first = next(iter(compared.values()))
+  grids = {title: r.grid for title, r in compared.items()}
+  if len(set(grids.values())) > 1:
+    raise ValueError(f'runs on different patch grids {grids}: the maps would not align.')
+  panels = []
+  for i, image in enumerate(np.asarray(images, np.float32)):
+    ctx_mask, tgt_mask = sample_target_mask(first.config, seed=seed + i)
+    target = np.flatnonzero(tgt_mask)
+    patch = int(target[len(target) // 2])
+    maps = {}
+    for title, r in compared.items():
+      draws = {title: None}
+      draws.update({f'{title}, draw {k}': jax.random.key(seed + k) for k in range(noise_draws)})
+      for name, key in draws.items():
+        maps[name] = prediction_heatmaps(r, image, ctx_mask, tgt_mask, [patch], key, temperature)[0]
+    panels.append(HeatmapPanel(image, ctx_mask, tgt_mask, patch, maps))
+  return panels
 
 
 def denormalise(image) -> np.ndarray:
@@ -200,8 +288,8 @@ def plot_prediction_heatmaps(
   axes[0].imshow(masked)
   axes[0].set_title('context / target', fontsize=9)
   _outline(axes[0], patch, grid, shown.shape)
-  # One colour scale for all maps, spanning their values: softmax(cos / 1) is close to uniform,
-  # so a scale from 0 would hide the structure.
+  # One colour scale for all maps, spanning their values (not from 0), so that the panels of
+  # two runs compare and a map that is close to uniform still shows where it peaks.
   lo = min(float(m.min()) for m in maps.values())
   hi = max(float(m.max()) for m in maps.values())
   extent = (-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5)

@@ -39,9 +39,10 @@ def read_metrics(workdir: str) -> list[dict]:
 def metric_series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
   """(steps int [T], values float [T]) of one metric, sorted by step.
 
-  A step logged twice (a run resumed from an older checkpoint) keeps its last value.
+  A step logged twice (a run resumed from an older checkpoint) keeps its last value; a value
+  stored as null (a non-finite one, in strict JSON) is left out.
   """
-  by_step = {int(r['step']): float(r[key]) for r in rows if key in r}
+  by_step = {int(r['step']): float(r[key]) for r in rows if r.get(key) is not None}
   if not by_step:
     raise KeyError(f'metric {key!r} is in none of the {len(rows)} rows.')
   steps = np.array(sorted(by_step), np.int64)
