@@ -1,7 +1,7 @@
 """The package's layering: a folder never imports from a layer above it, and no import cycles.
 
 Layers, lowest first (README, "Layout"):
-  runtime < config < models, data < eval < train < tools < entry points (main, evaluate)
+  runtime < config < models, data < eval < train < tools < entry points (main, evaluate, finetune)
 Imports inside functions count too: a lazy import is still a dependency.
 """
 
@@ -22,6 +22,9 @@ LAYERS = {
   'tools': 5,
   'main': 6,
   'evaluate': 6,
+  'finetune': 6,
+  'figures': 6,
+  'sweep': 6,
   '__init__': 6,
 }
 

@@ -13,21 +13,25 @@ import ml_collections
 
 from stop_jax.config.schema import (
   DATA_SOURCES,
+  DAVIS_POS_EMBED,
   EVAL_LABELS,
   EVAL_PROTOCOLS,
   EVAL_SOURCES,
   FEATURE_TYPES,
+  FINETUNE_SOURCES,
   GRAD_CLIP_SCOPES,
   INTERPOLATIONS,
   MASK_MODES,
   MULTI_LAYER_TARGETS,
+  SHAPES_LABELS,
   STOP_MODES,
   VIT_VARIANTS,
   vit_shape,
 )
+from stop_jax.runtime import cli
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
   """A config value outside its allowed range; the message names the key."""
 
 
@@ -186,6 +190,9 @@ def _check_optim(config: ml_collections.ConfigDict):
 def _check_data(config: ml_collections.ConfigDict):
   d = config.data
   _check(d.source in DATA_SOURCES, 'data.source', d.source, f'one of {DATA_SOURCES}')
+  _check(
+    d.shapes_label in SHAPES_LABELS, 'data.shapes_label', d.shapes_label, f'one of {SHAPES_LABELS}'
+  )
   _check(d.source != 'tfds' or bool(d.name), 'data.name', d.name, 'a tfds dataset name')
   _check(
     d.source != 'folder' or bool(d.data_dir),
@@ -244,6 +251,13 @@ def _check_eval(config: ml_collections.ConfigDict):
     _check(e[key] == -1 or e[key] > 0, f'eval.{key}', e[key], '-1 (all) or > 0')
   _check(e.knn_k >= 1, 'eval.knn_k', e.knn_k, '>= 1')
   _check(e.knn_temperature > 0, 'eval.knn_temperature', e.knn_temperature, '> 0')
+  _check(
+    e.health_every_steps >= -1,
+    'eval.health_every_steps',
+    e.health_every_steps,
+    '-1 (every log step), 0 (off) or > 0',
+  )
+  _check(e.health_examples >= 2, 'eval.health_examples', e.health_examples, '>= 2')
   _check(e.protocol in EVAL_PROTOCOLS, 'eval.protocol', e.protocol, f'one of {EVAL_PROTOCOLS}')
   _check(
     len(e.feature_types) >= 1
@@ -255,6 +269,16 @@ def _check_eval(config: ml_collections.ConfigDict):
   )
   _check(e.source in EVAL_SOURCES, 'eval.source', e.source, f'one of {EVAL_SOURCES}')
   _check(e.label in EVAL_LABELS, 'eval.label', e.label, f'one of {EVAL_LABELS}')
+  family = e.label.split('_')[0]
+  _check(
+    e.label == 'label'
+    or (
+      (family == 'clevr') == (e.source == 'tfds') and (family == 'shapes') == (e.source == 'shapes')
+    ),
+    'eval.label',
+    e.label,
+    'clevr_* with eval.source=tfds, shapes_* with eval.source=shapes',
+  )
   _check(e.image_size == -1 or e.image_size > 0, 'eval.image_size', e.image_size, '-1 or > 0')
   _check(e.resize_ratio >= 1, 'eval.resize_ratio', e.resize_ratio, '>= 1')
   _check(
@@ -286,6 +310,61 @@ def _check_eval(config: ml_collections.ConfigDict):
     'in [0, linear_epochs)',
   )
   _check_range('eval.linear_crop_scale', e.linear_crop_scale)
+  _check_davis(e)
+
+
+def _check_davis(e: ml_collections.ConfigDict):
+  """The eval.davis_* keys (protocol=davis)."""
+  for key in ('davis_split', 'davis_resolution'):
+    _check(isinstance(e[key], str) and e[key], f'eval.{key}', e[key], 'a non-empty name')
+  lows = {'davis_short_side': 1, 'davis_long_multiple': 1, 'davis_topk': 1}
+  lows |= {'davis_n_last_frames': 0, 'davis_size_mask_neighborhood': 0}
+  for key, lo in lows.items():
+    _check(e[key] >= lo, f'eval.{key}', e[key], f'>= {lo}')
+  for key in ('davis_temperature', 'davis_bound_th'):
+    _check(e[key] > 0, f'eval.{key}', e[key], '> 0')
+  pos, seqs = e.davis_pos_embed, e.davis_sequences
+  _check(pos in DAVIS_POS_EMBED, 'eval.davis_pos_embed', pos, f'one of {DAVIS_POS_EMBED}')
+  ok = all(isinstance(n, str) and n for n in seqs)
+  _check(ok, 'eval.davis_sequences', seqs, 'a tuple of sequence names (empty = the whole split)')
+
+
+def _check_finetune(config: ml_collections.ConfigDict):
+  """The finetune group (read by stop_jax.finetune only; its defaults always pass)."""
+  f = config.finetune
+  src = f.source
+  _check(src in FINETUNE_SOURCES, 'finetune.source', src, f'one of {FINETUNE_SOURCES}')
+  _check(src != 'folder' or bool(f.data_dir), 'finetune.data_dir', f.data_dir, 'the folder root')
+  _check(not f.file_list or src == 'folder', 'finetune.file_list', f.file_list, 'source=folder')
+  for key in ('max_train_examples', 'max_test_examples', 'image_size', 'init_step'):
+    _check(f[key] == -1 or f[key] > 0, f'finetune.{key}', f[key], '-1 or > 0')
+  _check(f.resize_ratio >= 1, 'finetune.resize_ratio', f.resize_ratio, '>= 1')
+  for key in ('batch_size', 'epochs', 'blr', 'eval_batch_size', 'log_every_steps'):
+    _check(f[key] > 0, f'finetune.{key}', f[key], '> 0')
+  _check(
+    0 <= f.warmup_epochs < f.epochs,
+    'finetune.warmup_epochs',
+    f.warmup_epochs,
+    f'in [0, finetune.epochs={f.epochs})',
+  )
+  for key in ('min_lr', 'weight_decay', 'grad_clip_norm', 'mixup', 'cutmix', 'head_init_std'):
+    _check(f[key] >= 0, f'finetune.{key}', f[key], '>= 0')
+  _check(0 <= f.b1 < 1 and 0 <= f.b2 < 1, 'finetune.b1/b2', (f.b1, f.b2), 'in [0, 1)')
+  _check(0 < f.layer_decay <= 1, 'finetune.layer_decay', f.layer_decay, 'in (0, 1] (1 = off)')
+  for key in ('drop_path', 'label_smoothing'):
+    _check(0 <= f[key] < 1, f'finetune.{key}', f[key], 'in [0, 1)')
+  for key in ('mixup_prob', 'mixup_switch_prob', 'randaug_prob', 'reprob'):
+    _check(0 <= f[key] <= 1, f'finetune.{key}', f[key], 'a probability in [0, 1]')
+  _check_range('finetune.crop_scale', f.crop_scale)
+  interp = f.interpolation
+  _check(interp in INTERPOLATIONS, 'finetune.interpolation', interp, f'one of {INTERPOLATIONS}')
+  _check(f.randaug_num_ops >= 0, 'finetune.randaug_num_ops', f.randaug_num_ops, '>= 0 (0 = off)')
+  m = f.randaug_magnitude
+  _check(0 <= m <= 10, 'finetune.randaug_magnitude', m, 'in [0, 10]')
+  _check(
+    f.randaug_magnitude_std >= 0, 'finetune.randaug_magnitude_std', f.randaug_magnitude_std, '>= 0'
+  )
+  _check(f.eval_every_epochs > 0, 'finetune.eval_every_epochs', f.eval_every_epochs, '> 0')
 
 
 def _check_checkpoint(config: ml_collections.ConfigDict):
@@ -303,6 +382,14 @@ def _check_run_control(config: ml_collections.ConfigDict):
   c = config
   _check(c.on_nonfinite in ('stop', 'skip'), 'on_nonfinite', c.on_nonfinite, 'stop or skip')
   _check(c.max_consecutive_skips >= 1, 'max_consecutive_skips', c.max_consecutive_skips, '>= 1')
+  d = c.divergence
+  _check(d.action in ('stop', 'skip'), 'divergence.action', d.action, 'stop or skip')
+  for key in ('loss_spike_factor', 'update_spike_factor'):
+    _check(d[key] == 0 or d[key] > 1, f'divergence.{key}', d[key], '0 (off) or > 1')
+  for key in ('max_update_norm', 'max_update_ratio'):
+    _check(d[key] >= 0, f'divergence.{key}', d[key], '>= 0 (0 = off)')
+  _check(d.window >= 1, 'divergence.window', d.window, '>= 1')
+  _check(d.warmup_steps >= 1, 'divergence.warmup_steps', d.warmup_steps, '>= 1')
   _check(
     c.xla_cpu_matmul in ('onednn', 'eigen', 'ynnpack'),
     'xla_cpu_matmul',
@@ -351,6 +438,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   _check_optim(config)
   _check_data(config)
   _check_eval(config)
+  _check_finetune(config)
   _check_checkpoint(config)
   _check_run_control(config)
   _check_mesh(config, num_devices)

@@ -141,7 +141,7 @@ def _optim() -> ml_collections.ConfigDict:
   return o
 
 
-DATA_SOURCES = ('digits', 'tfds', 'synthetic', 'folder')
+DATA_SOURCES = ('digits', 'tfds', 'synthetic', 'folder', 'shapes')
 INTERPOLATIONS = ('bilinear', 'bicubic')
 
 
@@ -175,12 +175,25 @@ def _data() -> ml_collections.ConfigDict:
   # random order, each shuffled in memory (about 2-3 windows of encoded images are in RAM).
   d.shuffle_window = 10_000
   d.digits_upscale = 'bilinear'  # digits: how 8x8 digits are resized to image_size.
+  # shapes (stop_jax/data/shapes.py, offline CLEVR-like scenes): the label the in-training probe
+  # and k-NN read, one of SHAPES_LABELS (count: objects - 3; dist: nearest depth bin; shape).
+  d.shapes_label = 'count'
+
   return d
 
 
-EVAL_PROTOCOLS = ('logreg', 'linear', 'knn')
-EVAL_SOURCES = ('tfds', 'folder', 'digits', 'synthetic')
-EVAL_LABELS = ('label', 'clevr_count', 'clevr_distance')
+EVAL_PROTOCOLS = ('logreg', 'linear', 'knn', 'davis')
+DAVIS_POS_EMBED = ('interpolate', 'recompute')
+EVAL_SOURCES = ('tfds', 'folder', 'digits', 'synthetic', 'shapes')
+EVAL_LABELS = (
+  'label',
+  'clevr_count',
+  'clevr_distance',
+  'shapes_count',
+  'shapes_dist',
+  'shapes_shape',
+)
+SHAPES_LABELS = ('count', 'dist', 'shape')
 FEATURE_TYPES = ('last', 'last4')
 
 
@@ -189,6 +202,10 @@ def _eval() -> ml_collections.ConfigDict:
   e = ml_collections.ConfigDict()
   e.probe = True  # Linear probe of the target encoder at the end of training.
   e.probe_random_init = True  # Also probe a randomly initialised encoder (reference).
+  # Rerunning a finished run changes nothing ("already complete at step N"); True runs its
+  # end-of-run evaluators (the probe) again and rewrites summary.json. Evaluators the rerun's
+  # config asks for that summary.json lacks (e.g. --config.eval.probe=True) run without it.
+  e.rerun_final = False
   e.probe_l2 = (1e-4, 1e-3, 1e-2, 1e-1)  # Swept on a held-out part of the train split.
   e.probe_max_examples = 50_000
   # k-NN sanity metric during pretraining (stop_jax/eval/knn.py: knn_eval) on the run's own data
@@ -197,6 +214,11 @@ def _eval() -> ml_collections.ConfigDict:
   e.knn_max_examples = 10_000  # Per split; -1 = all.
   e.knn_k = 20  # Neighbours (DINO protocol: 20).
   e.knn_temperature = 0.07  # Vote weight exp(cos_sim / T) (DINO protocol: 0.07).
+  # Collapse health (stop_jax/eval/health.py): RankMe and feature spread of the avg-pooled
+  # target features of a fixed held-out batch (the first health_examples of the probe's test
+  # split), every health_every_steps steps; -1 = every log step, 0 = off.
+  e.health_every_steps = -1
+  e.health_examples = 256
   # `python -m stop_jax.evaluate --config=configs/eval/X.py --workdir=W`: the keys below (model
   # keys come from the run's config.json). Results go to W/eval/<name>.json.
   e.name = ''  # '' = '<protocol>_<dataset>'.
@@ -208,12 +230,15 @@ def _eval() -> ml_collections.ConfigDict:
   # Features of the frozen target encoder: 'last' = avg-pooled last layer (after the final norm),
   # 'last4' = concat of the avg-pooled last 4 blocks, each after the final norm. Both are reported.
   e.feature_types = ('last', 'last4')
-  e.source = 'tfds'  # tfds | folder (data_dir/<split>/<class>/*.jpg) | digits | synthetic.
+  # tfds | folder (data_dir/<split>/<class>/*.jpg) | digits | synthetic | shapes.
+  e.source = 'tfds'
   e.dataset = 'imagenet2012'  # tfds name (source=tfds); also names the result file.
   e.data_dir = ''  # tfds data_dir ('' = the tfds default), or the root for source=folder.
   e.train_split = 'train'
   e.test_split = 'validation'
-  e.label = 'label'  # label | clevr_count | clevr_distance (the VTAB task definitions).
+  # label | clevr_count | clevr_distance (tfds CLEVR: the VTAB task definitions) |
+  # shapes_count | shapes_dist | shapes_shape (source=shapes; 'label' there means shapes_count).
+  e.label = 'label'
   e.max_train_examples = -1  # First N of each split (-1 = all): quick runs.
   e.max_test_examples = -1
   e.image_size = -1  # Eval resolution; -1 = the run's model.image_size.
@@ -239,7 +264,83 @@ def _eval() -> ml_collections.ConfigDict:
   # converge on features with a large common component. 0 = raw features.
   e.linear_standardize_examples = 10_000
   e.log_every_steps = 100  # protocol=linear: training-loss log interval.
+  # protocol=davis (eval/davis.py): DAVIS 2017 label propagation; data_dir = the DAVIS root.
+  e.davis_split, e.davis_resolution = 'val', '480p'  # ImageSets/2017/<split>.txt, 480p/ dirs
+  e.davis_sequences = ()  # Names to run (quick runs); () = every sequence of the split.
+  # Frames: shorter side davis_short_side, longer floored to a multiple of davis_long_multiple
+  # (DINO: 854x480 -> 832x480), then both floored to a multiple of the patch size.
+  e.davis_short_side, e.davis_long_multiple = 480, 64
+  e.davis_n_last_frames = 7  # Context: the first frame plus this many previous frames.
+  e.davis_size_mask_neighborhood = 12  # Keys within this many tokens of the query; 0 = all.
+  e.davis_topk, e.davis_temperature = 5, 0.1  # Top-k keys per query; affinity exp(cos / T).
+  e.davis_pos_embed = 'interpolate'  # Trained table resized bicubically (official) | recompute
+  e.davis_bound_th = 0.008  # F's boundary tolerance: x image diagonal (< 1), or pixels (>= 1).
   return e
+
+
+FINETUNE_SOURCES = ('tfds', 'folder', 'digits', 'synthetic')
+
+
+def _finetune() -> ml_collections.ConfigDict:
+  """Full fine-tuning (`python -m stop_jax.finetune`): a pretrained target encoder plus a linear
+  head on its average-pooled tokens, trained end to end with the MAE/BEiT recipe. Defaults: MAE's
+  ViT-L/16 fine-tuning (configs/finetune/in1k_1pct_vitl16.py gives the sources)."""
+  f = ml_collections.ConfigDict()
+  # Where the encoder comes from: a pretraining run, an export or a converted official
+  # checkpoint (stop_jax/eval/load.py); its config sets the architecture. Required.
+  f.init = ''
+  f.init_step = -1  # Checkpoint step of a run (-1 = the latest).
+  f.random_init = False  # The same architecture with random weights (the reference baseline).
+  # Labelled data: one of FINETUNE_SOURCES. folder: data_dir/<split>/<class>/<image>, with
+  # file_list (optional) a text file naming the train images to keep, one per line, as a file
+  # name or <class>/<file> (e.g. the 1% lists of SimCLR / MSN).
+  f.source = 'tfds'
+  f.dataset = 'imagenet2012_subset/1pct'  # tfds name (source=tfds).
+  f.data_dir = ''  # tfds data_dir ('' = the tfds default), or the folder root.
+  f.file_list = ''
+  f.train_split = 'train'
+  f.test_split = 'validation'
+  f.max_train_examples = -1  # First N train examples (-1 = all): the label fraction of a test.
+  f.max_test_examples = -1
+  f.image_size = -1  # -1 = the encoder's model.image_size.
+  f.resize_ratio = 256 / 224  # Test images: shorter side to image_size * this, center crop.
+  f.batch_size = 1024  # Global batch.
+  f.epochs = 50.0
+  f.warmup_epochs = 5.0  # Linear warmup from 0, then cosine to min_lr (per step).
+  f.blr = 1e-3  # Base LR: lr = blr * batch_size / 256 (MAE).
+  f.min_lr = 1e-6
+  f.weight_decay = 0.05  # AdamW, not on biases, norms or the head's bias.
+  f.b1 = 0.9
+  f.b2 = 0.999
+  f.grad_clip_norm = 0.0  # Global-norm clipping; 0 = off (MAE).
+  # Layer-wise LR decay: block i of L gets lr * layer_decay^(L - i); the patch embedding
+  # layer_decay^(L + 1) (BEiT / MAE's param_groups_lrd, patch embedding = layer 0).
+  f.layer_decay = 0.75
+  f.drop_path = 0.2  # Stochastic depth rate of the last block (linear in depth).
+  f.head_init_std = 2e-5  # The head's kernel ~ N(0, std^2) (MAE), bias 0.
+  f.label_smoothing = 0.1
+  # Mixup / CutMix on the device (timm's Mixup, mode 'batch'): per batch, with mixup_prob, mix
+  # with the reversed batch; CutMix instead of Mixup with mixup_switch_prob. Alpha 0 = off.
+  f.mixup = 0.8
+  f.cutmix = 1.0
+  f.mixup_prob = 1.0
+  f.mixup_switch_prob = 0.5
+  # Train images: RandomResizedCrop(crop_scale, 3/4..4/3, interpolation), flip, RandAugment
+  # (timm's rand-m9-mstd0.5-inc1: randaug_num_ops ops, each applied with randaug_prob, magnitude
+  # ~ N(randaug_magnitude, randaug_magnitude_std) of 10; 0 ops = off), normalise, random erasing
+  # with probability reprob (timm's 'pixel' mode, one box).
+  f.crop_scale = (0.08, 1.0)
+  f.interpolation = 'bicubic'
+  f.flip = True
+  f.randaug_num_ops = 2
+  f.randaug_magnitude = 9.0
+  f.randaug_magnitude_std = 0.5
+  f.randaug_prob = 0.5
+  f.reprob = 0.25
+  f.eval_every_epochs = 5.0  # Test accuracy every this many epochs, and at the end.
+  f.eval_batch_size = 256
+  f.log_every_steps = 20
+  return f
 
 
 def _checkpoint() -> ml_collections.ConfigDict:
@@ -261,7 +362,26 @@ def _run_control(c: ml_collections.ConfigDict):
   # (drop that update, count it, stop after max_consecutive_skips in a row). Either way the
   # bad update never reaches the params.
   c.on_nonfinite = 'stop'
-  c.max_consecutive_skips = 10
+  c.max_consecutive_skips = 10  # Bad steps in a row (non-finite or divergent) that stop a run.
+  # The divergence guard (stop_jax/train/guard.py), for blow-ups that stay finite. A step is
+  # divergent when its update (the global norm of what the optimiser adds to the params) is
+  # above max_update_ratio x the params' norm or above max_update_norm, or when, against the
+  # running medians over the last `window` steps that passed, its total loss is above
+  # loss_spike_factor x the loss's median or its update norm above update_spike_factor x that
+  # norm's median (these two start once warmup_steps steps have passed). 0 = that rule off.
+  # Its update is dropped, as a non-finite one's. action: 'stop' (name the step, the last
+  # checkpoint the guard verified and how to resume from it) or 'skip' (go on; counted against
+  # max_consecutive_skips). The defaults are far from anything a healthy run does (an AdamW
+  # step moves the params by a small fraction of their norm; losses drift, they do not jump).
+  c.divergence = ml_collections.ConfigDict()
+  c.divergence.action = 'stop'
+  c.divergence.loss_spike_factor = 10.0
+  # Off: Adam's normalised step varies several-fold around its median in healthy runs.
+  c.divergence.update_spike_factor = 0.0
+  c.divergence.max_update_norm = 0.0
+  c.divergence.max_update_ratio = 1.0
+  c.divergence.window = 100
+  c.divergence.warmup_steps = 10
   # Matmul library of XLA:CPU for the train step: onednn (measured the fastest on the ViT-Ti/16
   # reference step, now level with eigen; bench/NOTES.md) | eigen | ynnpack (XLA's own
   # default). Ignored on GPU / TPU. All float32; the sums differ only in rounding order.
@@ -304,6 +424,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = _optim()
   c.data = _data()
   c.eval = _eval()
+  c.finetune = _finetune()
   c.checkpoint = _checkpoint()
   _run_control(c)
   c.mesh = _mesh()

@@ -31,7 +31,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from stop_jax import config as config_lib
-from stop_jax.data import augment, decode, keys, probe_arrays, sources
+from stop_jax.data import augment, decode, keys, probe_arrays, shapes, sources
 from stop_jax.runtime import fileio
 
 SOURCES = config_lib.EVAL_SOURCES
@@ -52,11 +52,12 @@ class EvalData:
   """One split of one labelled image source.
 
   Attributes:
-    source: tfds | folder | digits | synthetic.
+    source: tfds | folder | digits | synthetic | shapes.
     name: tfds dataset name (source=tfds; may carry a config, e.g. 'imagenet2012_subset/1pct').
     data_dir: tfds data_dir ('' = default), or the root of `<root>/<split>/<class>/<image>`.
     split: split name; tfds split syntax is allowed. digits and synthetic have train / test.
-    label: label | clevr_count | clevr_distance.
+    label: label | clevr_count | clevr_distance | shapes_count | shapes_dist | shapes_shape
+      ('label' of source=shapes: shapes_count).
     image_size: output images are [image_size, image_size, 3].
     resize_ratio: un-augmented images: shorter side to image_size * resize_ratio, center crop.
     center_crop: False resizes un-augmented images whole to image_size (no crop).
@@ -83,8 +84,10 @@ class EvalData:
       raise ValueError(f'EvalData.source={self.source!r} is not allowed: one of {SOURCES}.')
     if self.label not in LABELS:
       raise ValueError(f'EvalData.label={self.label!r} is not allowed: one of {LABELS}.')
-    if self.label != 'label' and self.source != 'tfds':
+    if self.label.startswith('clevr_') and self.source != 'tfds':
       raise ValueError(f'label={self.label!r} needs source=tfds (CLEVR scene annotations).')
+    if self.label.startswith('shapes_') and self.source != 'shapes':
+      raise ValueError(f'label={self.label!r} needs source=shapes.')
     if self.image_size <= 0 or self.resize_ratio < 1:
       raise ValueError(
         f'image_size={self.image_size} / resize_ratio={self.resize_ratio}: need > 0 / >= 1.'
@@ -99,7 +102,7 @@ def from_eval_config(config, role: str, image_size: int) -> EvalData:
   if role not in ('train', 'test'):
     raise ValueError(f"role={role!r}: expected 'train' or 'test'.")
   split = e.train_split if role == 'train' else e.test_split
-  if e.source in ('digits', 'synthetic'):
+  if e.source in ('digits', 'synthetic', 'shapes'):
     split = role
   return EvalData(
     source=e.source,
@@ -121,7 +124,7 @@ def from_run_config(config, role: str, max_examples: int) -> EvalData:
   d = config.data
   if d.source not in SOURCES:
     raise ValueError(f'config.data.source={d.source!r} has no eval reader: one of {SOURCES}.')
-  if d.source in ('digits', 'synthetic'):
+  if d.source in ('digits', 'synthetic', 'shapes'):
     split = role
   else:
     split = d.train_split if role == 'train' else d.eval_split
@@ -130,6 +133,7 @@ def from_run_config(config, role: str, max_examples: int) -> EvalData:
     name=d.name,
     data_dir=d.data_dir,
     split=split,
+    label=f'shapes_{d.shapes_label}' if d.source == 'shapes' else 'label',
     image_size=config.model.image_size,
     max_examples=max_examples,
     digits_upscale=d.digits_upscale,
@@ -230,6 +234,12 @@ def _synthetic_count(spec: EvalData) -> int:
   return counts.get(spec.split, counts['test'])
 
 
+def _shapes_task(spec: EvalData) -> int:
+  """Index of the spec's task in `shapes.tf_example`'s labels ('label': count)."""
+  name = 'count' if spec.label == 'label' else spec.label.removeprefix('shapes_')
+  return shapes.TASKS.index(name)
+
+
 def _check_split(spec: EvalData, allowed=('train', 'test')):
   if spec.split not in allowed:
     raise ValueError(f'source={spec.source} has splits {allowed}, not {spec.split!r}.')
@@ -253,6 +263,15 @@ def _raw(spec: EvalData, index: int, count: int, shuffle_seed: int | None = None
       num_parallel_calls=tf.data.AUTOTUNE,
     )
   _check_split(spec)
+  if spec.source == 'shapes':
+    task = _shapes_task(spec)
+    ds = tf.data.Dataset.range(shapes.split_size(spec.split, spec.max_examples))
+    return ds.shard(count, index).map(
+      lambda i: (lambda image, y: (image, y[task]))(
+        *shapes.tf_example(spec.split, i, spec.image_size)
+      ),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
   if spec.source == 'digits':
     images, labels = _digits(spec.split, spec.image_size, spec.digits_upscale)
     ds = tf.data.Dataset.from_tensor_slices((images[:limit], labels[:limit]))
@@ -276,6 +295,8 @@ def num_classes(spec: EvalData) -> int:
     return DIGITS_NUM_CLASSES
   if spec.source == 'synthetic':
     return sources.LABELLED_SYNTHETIC_NUM_CLASSES
+  if spec.source == 'shapes':
+    return shapes.LABELS[shapes.TASKS[_shapes_task(spec)]]
   if spec.source == 'folder':
     return _folder_index(spec)[2]
   features = _tfds_builder(spec).info.features
@@ -292,6 +313,9 @@ def num_examples(spec: EvalData) -> int:
   elif spec.source == 'synthetic':
     _check_split(spec)
     return _synthetic_count(spec)
+  elif spec.source == 'shapes':
+    _check_split(spec)
+    return shapes.split_size(spec.split, spec.max_examples)
   elif spec.source == 'folder':
     n = len(_folder_index(spec)[0])
   else:

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from stop_jax.data import augment, decode, keys, sources
+from stop_jax.data import augment, decode, keys, shapes, sources
 
 
 def digits_arrays(split: str, size: int, upscale: str, limit: int | None):
@@ -27,7 +27,8 @@ def digits_arrays(split: str, size: int, upscale: str, limit: int | None):
 
 
 def _probe_examples(config, split: str, limit: int | None) -> tf.data.Dataset:
-  """(image float [S, S, 3] in [0, 1], ok, (int32 label, key)) of synthetic / folder / tfds.
+  """(image float [S, S, 3] in [0, 1], ok, (int32 label, key)) of synthetic / shapes / folder /
+  tfds (shapes: the task config.data.shapes_label, rendered at S).
 
   ok=False where the image could not be decoded (its image is zeros).
   """
@@ -42,6 +43,13 @@ def _probe_examples(config, split: str, limit: int | None) -> tf.data.Dataset:
         True,
         (sources.synthetic_label(key, i), ''),
       ),
+      num_parallel_calls=tf.data.AUTOTUNE,
+    )
+  if config.data.source == 'shapes':
+    task = shapes.TASKS.index(config.data.shapes_label)
+    n = min(shapes.split_size(split), limit or shapes.split_size(split))
+    return tf.data.Dataset.range(n).map(
+      lambda i: (lambda image, y: (image, True, (y[task], '')))(*shapes.tf_example(split, i, size)),
       num_parallel_calls=tf.data.AUTOTUNE,
     )
   center = lambda data: augment.center_crop_resize(  # noqa: E731

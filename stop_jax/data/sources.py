@@ -6,8 +6,11 @@
   schedules look like the real thing. The labelled streams read `labelled_synthetic_example`:
   48x48 noise whose mean colour depends on one of 10 labels, small enough to evaluate, learnable
   by a linear probe.
+- shapes: the procedural CLEVR-like scenes of `shapes.py` (count / dist / shape labels), rendered
+  on the fly at the size asked for (`shapes.tf_example` inside TF pipelines).
 - folder: root/<split>/<class>/<image>, the layout of the official code; sorted class names
-  give the labels. `folder_to_tfds` writes such a folder as a tfds dataset.
+  give the labels. Files without an image extension are left out, counted and named in a
+  warning (`folder_census`). `folder_to_tfds` writes such a folder as a tfds dataset.
 - tfds: a prepared tfds dataset (`tfds build`); an unprepared, empty or unknown one fails at
   start with DatasetNotReadyError, whose message says how to prepare it.
 """
@@ -24,8 +27,10 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from stop_jax.data import keys
+from stop_jax.data import keys, shapes
+from stop_jax.runtime import cli
 
 SYNTHETIC_NUM_EXAMPLES = 1_281_167  # ImageNet-1k train, so schedules look like the real thing.
 SYNTHETIC_NUM_CLASSES = 1000
@@ -36,7 +41,7 @@ LABELLED_SYNTHETIC_EXAMPLES = {'train': 10_000, 'test': 2_000}
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif')
 
 
-class DatasetNotReadyError(RuntimeError):
+class DatasetNotReadyError(cli.UserError, RuntimeError):
   """The dataset is not prepared, empty or unknown; the message says how to prepare it."""
 
 
@@ -138,6 +143,35 @@ def folder_classes(root: str, split: str) -> tuple[str, ...]:
 
 
 @functools.cache
+def _class_listing(where: str, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(image files, other entries) of the class directory where/name, each sorted."""
+  entries = sorted(tf.io.gfile.listdir(os.path.join(where, name)))
+  images = tuple(f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS))
+  return images, tuple(f for f in entries if not f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+@functools.cache
+def folder_census(root: str, split: str) -> dict:
+  """What root/split holds: {'files': entries found in its class directories, 'images': those
+  with an image extension (the examples), 'ignored': the others, 'ignored_examples': up to 5 of
+  them as '<class>/<name>'}. Decoding is not checked here (a read of every file); images that
+  fail to decode are counted by the training stream (`train_stream.CorruptImages`)."""
+  where = os.path.join(root, split)
+  images, ignored = 0, []
+  for name in folder_classes(root, split):
+    good, other = _class_listing(where, name)
+    images += len(good)
+    ignored += [f'{name}/{f.rstrip("/")}' for f in other]
+  n, shown = len(ignored), ', '.join(ignored[:5]) + (', ...' if len(ignored) > 5 else '')
+  if n:
+    exts = ', '.join(IMAGE_EXTENSIONS)
+    logging.warning(
+      f'image folder {where}: {n} of {images + n} files ignored (not {exts}): {shown}'
+    )
+  return {'files': images + n, 'images': images, 'ignored': n, 'ignored_examples': ignored[:5]}
+
+
+@functools.cache
 def folder_files(root: str, split: str, class_split: str) -> tuple[np.ndarray, np.ndarray]:
   """Paths (str [N], sorted by class then name) and labels (int32 [N]) of root/split.
 
@@ -153,16 +187,14 @@ def folder_files(root: str, split: str, class_split: str) -> tuple[np.ndarray, n
         f'image folder {where!r} has class {name!r}, which {os.path.join(root, class_split)!r} '
         'does not have: the splits must share their class directories.'
       )
-    files = sorted(
-      f
-      for f in tf.io.gfile.listdir(os.path.join(where, name))
-      if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+    files = _class_listing(where, name)[0]
     paths += [os.path.join(where, name, f) for f in files]
     labels += [classes[name]] * len(files)
+  census = folder_census(root, split)  # warns once about non-image files
   if not paths:
     raise DatasetNotReadyError(
-      f'image folder {where!r} has class directories but no images.\n'
+      f'image folder {where!r} has class directories but no images '
+      f'({census["ignored"]} other files, e.g. {census["ignored_examples"]}).\n'
       f'{_folder_layout_help(root, split)}'
     )
   return np.asarray(paths), np.asarray(labels, np.int32)
@@ -337,6 +369,32 @@ def tfds_shard(config, process_index: int, process_count: int):
   return builder, files, skips, takes
 
 
+def split_counts(config: ml_collections.ConfigDict) -> dict:
+  """Per split of config.data (train, and eval where it exists): what the source holds.
+
+  folder: `folder_census` (files found, images, non-image files ignored); tfds: the examples of
+  the prepared split's metadata; digits / synthetic: their examples. For the plan (plan.json).
+  """
+  data, counts = config.data, {}
+  for split in dict.fromkeys((data.train_split, data.eval_split)):
+    is_train = split == data.train_split
+    if data.source == 'folder':
+      try:
+        counts[split] = dict(folder_census(data.data_dir, split))
+      except DatasetNotReadyError:
+        if is_train:
+          raise
+    elif data.source == 'tfds':
+      splits = tfds_builder(data.name, data.data_dir).info.splits
+      if split in splits:
+        counts[split] = {'examples': int(splits[split].num_examples)}
+    elif data.source == 'digits' and split in digits_splits():
+      counts[split] = {'examples': len(digits_splits()[split][1])}
+    elif data.source == 'synthetic' and is_train:
+      counts[split] = {'examples': SYNTHETIC_NUM_EXAMPLES}
+  return counts
+
+
 def num_train_examples(config: ml_collections.ConfigDict) -> int:
   """Examples per epoch: config.data.num_train_examples if > 0, else the source's size."""
   if config.data.num_train_examples > 0:
@@ -346,6 +404,8 @@ def num_train_examples(config: ml_collections.ConfigDict) -> int:
     return len(digits_splits()['train'][1])
   if source == 'synthetic':
     return SYNTHETIC_NUM_EXAMPLES
+  if source == 'shapes':
+    return shapes.split_size(config.data.train_split)
   if source == 'folder':
     return len(folder_split(config, config.data.train_split)[0])
   builder = tfds_builder(config.data.name, config.data.data_dir)

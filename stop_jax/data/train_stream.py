@@ -26,8 +26,9 @@ prefetched batches.
 
 Corrupt or undecodable images (tfds and folder) never stop a run: the row is filled with another
 image of the same batch (re-augmented with the row's own flip/colour/blur), the key is logged
-with a warning and kept in `TrainIterator.corrupt`. Substituting rather than dropping keeps every
-later batch where the step index says it is, so resume stays exact.
+with a warning and kept in `TrainIterator.corrupt`; `CorruptImages` counts them per step for
+the checkpoints and summary.json. Substituting rather than dropping keeps every later batch where
+the step index says it is, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from jax.experimental import multihost_utils
 
 from stop_jax import config as config_lib
-from stop_jax.data import augment, decode, keys, masking, sources
+from stop_jax.data import augment, decode, keys, masking, shapes, sources
 
 _WINDOWS_IN_FLIGHT = 2  # tfds windows read concurrently: the next one loads while one is used.
 _TFRECORD_BUFFER = 8 << 20  # Read-ahead per shard file (large reads suit network filesystems).
@@ -56,7 +58,7 @@ _NEVER = 2**62  # Upper end of the "infinite" step and epoch ranges.
 
 
 def _random_access_stream(config, start_step: int, b_local: int, row0: int) -> tf.data.Dataset:
-  """digits / synthetic / folder: the rows [row0, row0 + B_local) of every global batch.
+  """digits / synthetic / shapes / folder: the rows [row0, row0 + B_local) of every global batch.
 
   Example p = step * global_batch + row of the stream is item perm_e[p % N] with e = p // N and
   perm_e a permutation keyed on (seed, e): every epoch is a fresh shuffle, and any step can be
@@ -72,6 +74,8 @@ def _random_access_stream(config, start_step: int, b_local: int, row0: int) -> t
   elif source == 'folder':
     paths = sources.folder_split(config, config.data.train_split)[0]
     n, paths = len(paths), tf.constant(paths)
+  elif source == 'shapes':
+    n, src = sources.num_train_examples(config), size  # rendered at S, then cropped
   else:
     n, src = sources.num_train_examples(config), sources.synthetic_source_size(size)
     split_key = sources.synthetic_split_key(config.data.train_split)
@@ -101,7 +105,9 @@ def _random_access_stream(config, start_step: int, b_local: int, row0: int) -> t
     return ds.map(lambda image, ok, kept: (image, kept[0], ok, kept[1]))
 
   def example(image_source, window, u):
-    if source != 'digits':
+    if source == 'shapes':
+      image_source = shapes.tf_example(config.data.train_split, image_source, size)[0]
+    elif source != 'digits':
       image_source = sources.synthetic_image(split_key, image_source, size)
     # Crops of a source no larger than S are only enlarged: antialiasing would change nothing.
     return augment.crop_resize(image_source, window, size, method, antialias=False), u, True, ''
@@ -216,6 +222,33 @@ def _tfds_stream(config, start_step, b_local, row0, process_index, process_count
   return ds.map(lambda image, ok, kept: (image, kept[0], ok, kept[1]))
 
 
+class CorruptImages:
+  """Images of a run that could not be decoded (each replaced), counted over every process and
+  every session of the run: `total(step)` is what the checkpoints keep and summary.json reports.
+
+  Args:
+    before: the total of the earlier sessions, up to start_step (from the checkpoint resumed).
+  """
+
+  def __init__(self, before: int = 0):
+    self.before = int(before)
+    self._steps: list[int] = []  # this process's corrupt images, by the step of their batch
+
+  def add(self, step: int, count: int):
+    self._steps += [step] * count
+
+  def total(self, step: int) -> int:
+    """Images replaced in the batches of steps < `step`, all processes and sessions together.
+
+    A collective on multi-process runs (every process calls it at the same step). The stream
+    runs ahead of the training loop: later batches are left out.
+    """
+    local = sum(s < step for s in self._steps)
+    if jax.process_count() > 1:
+      local = int(np.sum(multihost_utils.process_allgather(np.int64(local))))
+    return self.before + local
+
+
 class TrainIterator(Iterator):
   """The batches of `create_train_iterator`, one per step; see there for their contents.
 
@@ -225,8 +258,9 @@ class TrainIterator(Iterator):
       decoded so far, once per time it was met; each was replaced and logged with a warning.
   """
 
-  def __init__(self, ds, config, mask_spec, start_step: int, row0: int, b_local: int):
+  def __init__(self, ds, config, mask_spec, start_step: int, row0: int, b_local: int, counter=None):
     self._it = ds.as_numpy_iterator()
+    self._counter = counter
     self._config, self._mask_spec = config, mask_spec
     self._row0, self._b_local = row0, b_local
     self.step = start_step
@@ -240,6 +274,8 @@ class TrainIterator(Iterator):
     if not ok.all():
       bad = [k.decode('utf-8', 'replace') for k in keys[~ok]]
       self.corrupt += bad
+      if self._counter is not None:
+        self._counter.add(self.step, len(bad))
       logging.warning(
         'input pipeline, step %d: skipped %d image(s) that could not be decoded (%d so far), '
         'each replaced by another image of its batch: %s',
@@ -270,6 +306,7 @@ def create_train_iterator(
   start_step: int = 0,
   process_index: int | None = None,
   process_count: int | None = None,
+  corrupt: CorruptImages | None = None,
 ) -> TrainIterator:
   """This process's share of the global batch at steps start_step, start_step + 1, ...
 
@@ -278,7 +315,8 @@ def create_train_iterator(
   global batch}, B_local = global_batch_size / process_count. mask_spec=None yields images only
   (data benchmarks). The dataset is opened here, so an unprepared, empty or missing dataset
   fails now (DatasetNotReadyError), not at the first step. Starting at step k yields the same
-  batches as an uninterrupted run from step k, at a cost independent of k.
+  batches as an uninterrupted run from step k, at a cost independent of k. `corrupt`, if
+  given, counts the images that could not be decoded.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -319,4 +357,4 @@ def create_train_iterator(
   ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(start_step, _NEVER))
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.with_options(keys.deterministic_options()).prefetch(tf.data.AUTOTUNE)
-  return TrainIterator(ds, config, mask_spec, start_step, row0, b_local)
+  return TrainIterator(ds, config, mask_spec, start_step, row0, b_local, corrupt)

@@ -5,6 +5,8 @@ call `(encoder, params) -> {group: metrics}`:
 
 - `KnnEvaluator` ('knn'): the periodic k-NN sanity metric on the run's own data
   (`eval.knn_every_steps`), one group ''.
+- `health.HealthEvaluator` ('health'): RankMe and feature spread of a fixed held-out batch, a
+  periodic collapse check (`eval.health_every_steps`), one group ''.
 - `ProbeEvaluator` ('probe'): the final linear probe (logistic regression on the avg-pooled last
   layer, `logreg.linear_probe`), groups 'pretrained' and, with `eval.probe_random_init`,
   'random_init' (the same probe on a randomly initialised encoder, as a reference).
@@ -31,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from stop_jax.data import labelled, probe_arrays
-from stop_jax.eval import features, knn, linear, logreg
+from stop_jax.eval import davis, features, health, knn, linear, logreg
 
 
 class Evaluator(typing.Protocol):
@@ -105,13 +107,17 @@ class ProbeEvaluator:
 def for_training(config: ml_collections.ConfigDict, rng: jax.Array) -> list[Evaluator]:
   """The evaluators a pretraining run uses, from config.eval.
 
-  The periodic k-NN when eval.knn_every_steps > 0, and the final linear probe when eval.probe
+  The periodic k-NN when eval.knn_every_steps > 0, the collapse health (`health.py`) every
+  eval.health_every_steps (-1: every log step), and the final linear probe when eval.probe
   (with its random-init baseline when eval.probe_random_init); rng is the probe's init key.
   """
   e = config.eval
   evaluators: list[Evaluator] = []
   if e.knn_every_steps:
     evaluators.append(KnnEvaluator(config, every_steps=e.knn_every_steps))
+  every = config.log_every_steps if e.health_every_steps == -1 else e.health_every_steps
+  if every > 0:
+    evaluators.append(health.HealthEvaluator(config, every_steps=every))
   if e.probe:
     evaluators.append(ProbeEvaluator(config, rng))
   return evaluators
@@ -229,4 +235,5 @@ PROTOCOLS: dict[str, ProtocolRunner] = {
   'logreg': run_logreg,
   'linear': run_linear,
   'knn': run_knn,
+  'davis': davis.run_davis,  # DAVIS 2017 label propagation; scores J&F, not top1 (davis.py)
 }

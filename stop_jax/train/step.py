@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from stop_jax.train.schedules import Schedules
@@ -272,12 +273,28 @@ def stream_key(rng: jax.Array, step, stream: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(rng, step), stream)
 
 
-def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng):
+# The step's `limits` argument (`apply_update`): float32 scalars, +inf = no limit. One pytree
+# structure for every step, so the compiled step never changes with the guard's settings.
+LIMIT_KEYS = ('loss', 'update_norm', 'update_ratio')
+_INF = float('inf')
+
+
+def step_limits(loss: float = _INF, update_norm: float = _INF, update_ratio: float = _INF) -> dict:
+  """The step's `limits` as host float32 scalars: the defaults bound nothing."""
+  values = (loss, update_norm, update_ratio)
+  return {k: np.float32(v) for k, v in zip(LIMIT_KEYS, values, strict=True)}
+
+
+def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng, limits=None):
   """The optimiser step at the scheduled lr / wd, then the EMA target; both dropped if the
-  total loss or the gradients are not finite. rng: the step's key (as `train_step`'s).
+  total loss or the gradients are not finite, or if the total loss or the update's global norm
+  (or its ratio to the params' norm) is above its limit. rng: the step's key (as
+  `train_step`'s); limits: None (no limits) or {'loss', 'update_norm', 'update_ratio'}: float32
+  [] each, the divergence guard's bounds for this step (`guard.py`; +inf = none).
 
   Returns:
-    (params, target_params, opt_state, metrics: lr, wd, momentum, grad_norm, nonfinite).
+    (params, target_params, opt_state, metrics: lr, wd, momentum, grad_norm, update_norm,
+    param_norm (before the update), nonfinite, diverged).
   """
   step = state.step
   lr = schedules.learning_rate(step)
@@ -285,17 +302,28 @@ def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng)
   hyper = {**state.opt_state.hyperparams, 'learning_rate': lr, 'weight_decay': wd}
   opt_state = state.opt_state._replace(hyperparams=hyper)
   updates, opt_state = tx.update(grads, opt_state, state.params)
+  update_norm = optax.tree.norm(updates)  # what the step moves the params by (AdamW incl. decay)
   params = optax.apply_updates(state.params, updates)
   # EMA target after the optimiser step, as the official code: t <- m t + (1 - m) p.
   momentum = schedules.momentum(step)
   ema_rng = stream_key(rng, step, EMA_STREAM)
   target_params = ema_update(state.target_params, params['encoder'], momentum, ema_rng)
   grad_norm = optax.tree.norm(grads)
+  param_norm = optax.tree.norm(state.params)
   # A non-finite loss or gradient never reaches the state: the update is dropped (the step
   # count still advances) and the host decides whether to stop or go on (config.on_nonfinite).
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  # A finite step above the guard's limits is dropped the same way (config.divergence).
+  within = jnp.bool_(True)
+  if limits is not None:
+    within = (
+      (total <= limits['loss'])
+      & (update_norm <= limits['update_norm'])
+      & (update_norm <= limits['update_ratio'] * param_norm)
+    )
+  keep = finite & within
   params, target_params, opt_state = jax.tree.map(
-    lambda new, old: jnp.where(finite, new, old),
+    lambda new, old: jnp.where(keep, new, old),
     (params, target_params, opt_state),
     (
       state.params,
@@ -308,22 +336,27 @@ def apply_update(state: TrainState, grads, total, tx, schedules: Schedules, rng)
     'wd': wd,
     'momentum': momentum,
     'grad_norm': grad_norm,
+    'update_norm': update_norm,
+    'param_norm': param_norm,
     'nonfinite': jnp.logical_not(finite).astype(jnp.int32),
+    'diverged': (finite & jnp.logical_not(within)).astype(jnp.int32),
   }
   return params, target_params, opt_state, metrics
 
 
 def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
-  """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`; jit it outside.
+  """Returns the pure `train_step(state, batch, rng, limits=None) -> (state, metrics)`; jit it
+  outside.
 
   batch: {'image': [B, H, W, 3], 'ctx_idx': int [B, Kc], 'ctx_valid': bool [B, Kc],
           'tgt_idx': int [n, B, Kt], 'tgt_valid': bool [n, B, Kt]}.
+  limits: the divergence guard's bounds (`apply_update`); None = no bounds.
   """
   num_target_layers = config.loss.num_target_layers
   combine = config.loss.multi_layer_target
   loss_fn = make_loss_fn(config, encoder, predictor)
 
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: TrainState, batch, rng, limits=None):
     step = state.step
     stop_rng = stream_key(rng, step, STOP_STREAM)
     feats = target_features(
@@ -333,7 +366,9 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
     (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, targets, stop_rng
     )
-    params, target_params, opt_state, update = apply_update(state, grads, total, tx, schedules, rng)
+    params, target_params, opt_state, update = apply_update(
+      state, grads, total, tx, schedules, rng, limits
+    )
     embed = params['predictor']['predictor_embed']
     metrics = {
       'loss': loss,
@@ -342,6 +377,8 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
       'A_norm': jnp.linalg.norm(embed['kernel']),
       'A_bias_norm': jnp.linalg.norm(embed['bias']),
       'noise_to_pos': stats['noise_to_pos'],
+      # Collapse health: the spread of the targets across images (eval/health.py).
+      'target_std': jnp.mean(jnp.std(feats, axis=0)),
       'ctx_tokens': jnp.mean(jnp.sum(batch['ctx_valid'], axis=-1).astype(jnp.float32)),
       'tgt_tokens': jnp.mean(jnp.sum(batch['tgt_valid'], axis=-1).astype(jnp.float32)),
     }

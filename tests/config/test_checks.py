@@ -15,6 +15,7 @@ from stop_jax import config as config_lib
 # names, splits and paths. seed: any int.
 FREE_KEYS = {
   'seed',
+  'eval.rerun_final',
   'model.scan_blocks',
   'data.train_split',
   'data.eval_split',
@@ -29,6 +30,12 @@ FREE_KEYS = {
   'eval.center_crop',
   'eval.cache_features',
   'eval.linear_flip',
+  'finetune.init',  # checked when the fine-tuning run starts (finetune_loop.resolve_config)
+  'finetune.random_init',
+  'finetune.dataset',
+  'finetune.train_split',
+  'finetune.test_split',
+  'finetune.flip',
   'checkpoint.allow_config_change',
 }
 # Numbers that validate does not check today (a bad value fails later, where it is used).

@@ -32,7 +32,8 @@ def _tiny(**eval_keys):
   ],
 )
 def test_for_training_picks_the_evaluators_of_the_config(knn_every_steps, probe, expected):
-  config = _tiny(knn_every_steps=knn_every_steps, probe=probe)
+  # Health off here (tests/eval/test_health.py covers it).
+  config = _tiny(knn_every_steps=knn_every_steps, probe=probe, health_every_steps=0)
   rng = jax.random.key(3)
   evs = evaluators.for_training(config, rng)
   assert [(ev.name, ev.every_steps) for ev in evs] == expected
@@ -51,7 +52,7 @@ def test_knn_evaluator_has_one_group(monkeypatch):
     return {'knn_top1': 0.5, 'knn_top5': 0.9}
 
   monkeypatch.setattr(knn, 'knn_eval', fake_knn_eval)
-  config = _tiny(knn_every_steps=2, probe=False)
+  config = _tiny(knn_every_steps=2, probe=False, health_every_steps=0)
   (ev,) = evaluators.for_training(config, None)
   # Group '': the loop logs it under the prefix 'knn', i.e. 'knn/knn_top1' as before.
   assert ev('encoder', 'params') == {'': {'knn_top1': 0.5, 'knn_top5': 0.9}}

@@ -216,6 +216,14 @@ def test_multi_layer_targets_layer_norm_the_mean_of_the_normed_blocks():
   assert float(jnp.max(jnp.abs(official - other))) > 1e-2
 
 
+def test_target_std_is_the_spread_of_the_targets_across_images(one_step):
+  _, before, _, metrics = one_step
+  enc = models.build_encoder(_config())
+  feats = step_lib.target_features(enc, before.target_params, _batch()['image'])
+  assert float(metrics['target_std']) == pytest.approx(float(jnp.mean(jnp.std(feats, 0))), rel=1e-5)
+  assert float(metrics['target_std']) > 0.05
+
+
 def test_l1_penalty_adds_to_the_loss(one_step):
   _, before, _, metrics = one_step
   a = before.params['predictor']['predictor_embed']['kernel']
