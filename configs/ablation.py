@@ -38,6 +38,15 @@ VARIANTS = {
   # The paper does not state the penalty weights; these are starting points to sweep.
   'l1': ('deterministic positions, l1 penalty on A', {'stop.mode': 'off', 'stop.reg': 'l1', 'stop.reg_weight': 1e-5}),
   'l2': ('deterministic positions, l2 penalty on A', {'stop.mode': 'off', 'stop.reg': 'l2', 'stop.reg_weight': 1e-4}),
+  # Table 8: sin-cos positions plus the 2x-downscaled targets (stop_jax/train/lowres.py).
+  'lowres_max': (
+    'sin-cos, also predicting the 2x max-pooled target map (Table 8)',
+    {'stop.mode': 'off', 'loss.lowres': 'max'},
+  ),
+  'lowres_bilinear': (
+    'sin-cos, also predicting the 2x bilinearly resized target map (Table 8)',
+    {'stop.mode': 'off', 'loss.lowres': 'bilinear'},
+  ),
   'corrected_masks': (
     "StoP with our corrected mask sampler instead of the official one",
     {'mask.mode': 'corrected'},
@@ -53,6 +62,7 @@ SIGMAS = (0.05, 0.1, 0.25, 0.5, 1.0)
 GROUPS = {
   'table6': ('stop', 'sincos', 'learned_pos'),
   'table7': ('stop', 'context', 'both'),
+  'table8': ('stop', 'sincos', 'lowres_max', 'lowres_bilinear'),
   'fig3': tuple(f'{v}@{s:g}' for v in ('stop', 'fixed_cov') for s in SIGMAS) + ('sincos',),
   'fig4': tuple(f'stop@{s:g}' for s in SIGMAS),
   'masks': ('stop', 'corrected_masks'),

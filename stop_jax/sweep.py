@@ -17,10 +17,14 @@ works (`--config=configs/tiny.py` runs the variants at tiny scale).
   `launch/`: a SLURM job array over `launch/slurm.sbatch`, or one `launch/tpu_pod.sh start` per
   run; `--dry_run` prints the commands instead (--launcher_args are passed to the launcher).
 
+`--evaluate=eval/shapes_count.py,eval/shapes_dist.py` (local launcher) runs those evaluations
+(`python -m stop_jax.evaluate`, plus `--eval_args`) on every finished run that lacks their result;
+after remote runs, a local sweep with the same arguments only evaluates.
+
 After the runs (and on `--aggregate_only`), every finished run's probe results are gathered into
-DIR/results.json and DIR/results.md (mean +- std over seeds per variant and metric) and a bar plot
-DIR/results.png: the training probe (`summary.json`: `probe.pretrained.accuracy`) and every
-evaluation in `<run>/eval/*.json` (`python -m stop_jax.evaluate`, per feature type).
+DIR/results.json and DIR/results.md (mean +- std over seeds per variant and headline metric) and
+a bar plot DIR/results.png: the training probe (`summary.json`: `probe.pretrained.accuracy`) and
+every evaluation in `<run>/eval/*.json` (per feature type).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 from absl import app, flags, logging
 
 from stop_jax import config as config_lib
+from stop_jax.eval import load
 from stop_jax.runtime import cli, distributed, fileio
 from stop_jax.tools import sweep_results
 
@@ -43,6 +48,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory: one run direct
 _LAUNCHER = flags.DEFINE_enum('launcher', 'local', ['local', 'slurm', 'tpu'], 'Where runs go.')
 _LAUNCHER_ARGS = flags.DEFINE_string(
   'launcher_args', '', 'Extra arguments for launch/slurm.sbatch (sbatch) or launch/tpu_pod.sh.'
+)
+_EVALUATE = flags.DEFINE_list(
+  'evaluate',
+  [],
+  'Eval configs (configs/eval/*.py[:arg]) run on every finished run with stop_jax.evaluate.',
+)
+_EVAL_ARGS = flags.DEFINE_string(
+  'eval_args', '', 'Extra flags for every evaluation, e.g. "--config.eval.max_train_examples=2000".'
 )
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the runs / submissions, run nothing.')
 _AGGREGATE_ONLY = flags.DEFINE_bool('aggregate_only', False, 'Only gather the results.')
@@ -98,25 +111,54 @@ def is_finished(run_dir: str) -> bool:
     return False
 
 
-def run_local(runs, dry_run: bool) -> int:
-  """Runs each unfinished run with `python -m stop_jax.main`; stops at a preemption (75)."""
+def evaluations(specs, eval_args: str) -> list[tuple[str, list[str]]]:
+  """[(result name, the `stop_jax.evaluate` flags before --workdir)] of each eval config.
+
+  The name (eval.name, as `stop_jax.evaluate` names WORKDIR/eval/<name>.json) says whether a
+  run already has the result; a bad config file or argument fails here, before any run.
+  """
+  out = []
+  extra = shlex.split(eval_args)
+  for spec in specs:
+    name, _, arg = spec.partition(':')
+    config = config_lib.load_config_file(name, arg or None)
+    for flag in extra:  # an override of eval.name renames the result
+      if flag.startswith('--config.eval.name='):
+        config.eval.name = flag.partition('=')[2]
+    out.append((load.result_name(config), [f'--config={spec}', *extra]))
+  return out
+
+
+def _call(cmd, what: str) -> int:
+  """Runs one child; 0 or the preemption code, else the sweep stops with what failed."""
+  code = subprocess.call(cmd)
+  if code not in (0, distributed.PREEMPTED_EXIT_CODE):
+    raise SystemExit(f'error: {what} failed with exit code {code}')
+  if code:
+    logging.warning('preempted during %s: rerun the same sweep command to continue', what)
+  return code
+
+
+def run_local(runs, dry_run: bool, evals=()) -> int:
+  """Runs each unfinished run with `python -m stop_jax.main`, then each missing evaluation
+  (`evaluations`) with `python -m stop_jax.evaluate`; stops at a preemption (75)."""
   for i, r in enumerate(runs):
+    where = f'[{i + 1}/{len(runs)}] {r["variant"]} seed {r["seed"]}'
     cmd = [sys.executable, '-m', 'stop_jax.main', *r['argv']]
-    if is_finished(r['workdir']):
-      logging.info(
-        '[%d/%d] %s seed %d: finished, skipped', i + 1, len(runs), r['variant'], r['seed']
-      )
-      continue
-    if dry_run:
-      print(shlex.join(cmd))
-      continue
-    logging.info('[%d/%d] %s seed %d: %s', i + 1, len(runs), r['variant'], r['seed'], r['workdir'])
-    code = subprocess.call(cmd)
-    if code == distributed.PREEMPTED_EXIT_CODE:
-      logging.warning('preempted during %s: rerun the same sweep command to continue', r['workdir'])
-      return code
-    if code != 0:
-      raise SystemExit(f'error: run {r["workdir"]} failed with exit code {code}')
+    todo = [cmd] if not is_finished(r['workdir']) else []
+    if not todo:
+      logging.info('%s: finished, skipped', where)
+    for name, flags_before in evals:
+      if not fileio.exists(os.path.join(r['workdir'], 'eval', f'{name}.json')):
+        evaluate = [sys.executable, '-m', 'stop_jax.evaluate', *flags_before]
+        todo.append([*evaluate, f'--workdir={r["workdir"]}'])
+    for c in todo:
+      if dry_run:
+        print(shlex.join(c))
+        continue
+      logging.info('%s: %s', where, shlex.join(c[2:4]))
+      if _call(c, f'{shlex.join(c[2:3])} of {r["workdir"]}'):
+        return distributed.PREEMPTED_EXIT_CODE
   return 0
 
 
@@ -168,12 +210,13 @@ def main(argv):
   workdir = fileio.resolve(_WORKDIR.value)
   try:
     runs = plan_runs(_CONFIG.value, _VARIANTS.value, _SEEDS.value, workdir, overrides)
+    evals = evaluations(_EVALUATE.value, _EVAL_ARGS.value)
   except (config_lib.ConfigError, FileNotFoundError) as e:
     cli.fail(e, verbose=cli.verbose_requested(sys.argv))  # one line, exit 2
   code = 0
   if not _AGGREGATE_ONLY.value:
     if _LAUNCHER.value == 'local':
-      code = run_local(runs, _DRY_RUN.value)
+      code = run_local(runs, _DRY_RUN.value, evals)
     else:
       code = submit(runs, _LAUNCHER.value, workdir, _LAUNCHER_ARGS.value, _DRY_RUN.value)
   if not _DRY_RUN.value:

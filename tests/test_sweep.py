@@ -111,6 +111,47 @@ def test_dry_runs_skip_finished_runs_and_print_each_launcher(tmp_path):
   assert tpu.stdout.count('launch/tpu_pod.sh start --name=pod --zone=z configs/tiny.py') == 3
 
 
+def test_evaluations_run_after_each_run_that_lacks_their_result(tmp_path):
+  _finished(os.path.join(tmp_path, 'stop', 'seed0'), 0.9, {'shapes_count': {'results': {}}})
+  args = [
+    '--config=configs/tiny.py', '--variants=stop', '--seeds=0,1', f'--workdir={tmp_path}',
+    '--evaluate=configs/eval/shapes_count.py,configs/eval/shapes_count.py:task=dist',
+    '--eval_args=--config.eval.max_train_examples=50', '--dry_run',
+  ]  # fmt: skip
+  proc = _sweep(*args)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  # seed0: trained and counted already, only dist is missing; seed1: everything.
+  evaluate = f'{sys.executable} -m stop_jax.evaluate --config=configs/eval/shapes_count.py'
+  assert lines == [
+    f'{evaluate}:task=dist --config.eval.max_train_examples=50 --workdir={tmp_path}/stop/seed0',
+    f'{sys.executable} -m stop_jax.main --config=configs/tiny.py --workdir={tmp_path}/stop/seed1 --config.seed=1',
+    f'{evaluate} --config.eval.max_train_examples=50 --workdir={tmp_path}/stop/seed1',
+    f'{evaluate}:task=dist --config.eval.max_train_examples=50 --workdir={tmp_path}/stop/seed1',
+  ]  # fmt: skip
+  bad = _sweep(*args[:4], '--evaluate=configs/eval/shapes_count.py:task=colour', '--dry_run')
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == (
+    "error: shapes task='colour' is not allowed: one of ('count', 'dist', 'shape')."
+  )
+
+
+def test_results_md_shows_the_scores_of_evaluation_records_not_their_metadata(tmp_path):
+  runs = sweep.plan_runs('configs/tiny.py', ['stop'], ['0'], str(tmp_path), [])
+  record = {
+    'name': 'shapes_dist',
+    'model': {'width': 64},
+    'results': {'last': {'accuracy': 0.25, 'l2': 1e-4, 'num_train': 2000}},
+  }
+  _finished(runs[0]['workdir'], 0.5, {'shapes_dist': record})
+  result = sweep_results.aggregate(runs, str(tmp_path))
+  assert result['summary']['stop']['shapes_dist/last/num_train']['mean'] == 2000
+  assert 'shapes_dist/model/width' not in result['summary']['stop']
+  md = open(tmp_path / 'results.md').read().splitlines()
+  assert md[0] == '| variant | probe/pretrained/accuracy | shapes_dist/last/accuracy |'
+  assert md[2] == '| stop | 50.00 +- 0.00 (1) | 25.00 +- 0.00 (1) |'
+
+
 def test_a_slurm_array_task_runs_its_line_of_the_commands_file(tmp_path):
   commands = tmp_path / 'sweep_commands.txt'
   lines = [['configs/tiny.py', '/shared/s/stop/seed0', '--config.seed=0'],

@@ -21,6 +21,7 @@ from stop_jax.config.schema import (
   FINETUNE_SOURCES,
   GRAD_CLIP_SCOPES,
   INTERPOLATIONS,
+  LOWRES_TARGETS,
   MASK_MODES,
   MULTI_LAYER_TARGETS,
   SHAPES_LABELS,
@@ -144,12 +145,12 @@ def _check_loss(config: ml_collections.ConfigDict):
     config.loss.num_target_layers,
     f'in [1, depth={depth}]',
   )
-  _check(
-    config.loss.multi_layer_target in MULTI_LAYER_TARGETS,
-    'loss.multi_layer_target',
-    config.loss.multi_layer_target,
-    f'one of {MULTI_LAYER_TARGETS}',
-  )
+  for key, allowed in (('multi_layer_target', MULTI_LAYER_TARGETS), ('lowres', LOWRES_TARGETS)):
+    _check(config.loss[key] in allowed, f'loss.{key}', config.loss[key], f'one of {allowed}')
+  grid = config.model.image_size // config.model.patch_size
+  coarse_ok = config.loss.lowres == 'none' or grid % 2 == 0
+  _check(coarse_ok, 'loss.lowres', config.loss.lowres, f"'none' with an odd {grid}x{grid} grid")
+  _check(config.loss.lowres_weight >= 0, 'loss.lowres_weight', config.loss.lowres_weight, '>= 0')
 
 
 def _check_optim(config: ml_collections.ConfigDict):

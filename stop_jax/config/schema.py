@@ -94,20 +94,22 @@ def _mask() -> ml_collections.ConfigDict:
 
 
 MULTI_LAYER_TARGETS = ('norm_of_mean', 'mean_of_norms')
+LOWRES_TARGETS = ('none', 'max', 'bilinear')
 
 
 def _loss() -> ml_collections.ConfigDict:
   """The regression loss between predictions and target-encoder features."""
   loss = ml_collections.ConfigDict()
   loss.type = 'smooth_l1'  # smooth_l1 (official, beta 1) | l2.
-  # Targets from the last K blocks of the target encoder (K = 1 in every official config), each
-  # block output after the encoder's final norm, combined as `multi_layer_target` says.
+  # Targets from the last K blocks (K = 1 in every official config) after the final norm; K > 1
+  # combines them as one of MULTI_LAYER_TARGETS: norm_of_mean = LN(mean_k norm(x_k)) (official
+  # StoP code) or mean_of_norms = mean_k LN(norm(x_k)); LN has no params, eps 1e-5.
   loss.num_target_layers = 1
-  # One of MULTI_LAYER_TARGETS (only used when K > 1):
-  #   norm_of_mean   LN(mean_k norm(x_k)): the official StoP code (LayerNorm after averaging);
-  #   mean_of_norms  mean_k LN(norm(x_k)): each block layer-normed, then averaged.
-  # LN is the parameter-free LayerNorm of the targets (eps 1e-5).
   loss.multi_layer_target = 'norm_of_mean'
+  # Table 8 (train/lowres.py), one of LOWRES_TARGETS: 'none', or also predict the 2x-downscaled
+  # target map ('max' pool | 'bilinear') at the coarse cells of each block, + weight x its loss.
+  loss.lowres = 'none'
+  loss.lowres_weight = 1.0
   return loss
 
 

@@ -170,13 +170,32 @@ def split_size(split: str, max_examples: int = -1) -> int:
   return DEFAULT_EXAMPLES.get(split, DEFAULT_EXAMPLES['test'])
 
 
+# Rendered scenes kept in memory, so later epochs and the probes' reads of the same scenes cost
+# nothing (rendering is the slow part of a small run). Bounded: past the budget, scenes are
+# rendered again on every read.
+_MEMO: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+_MEMO_BYTES = 1 << 30
+
+
+def _rendered(split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [size, size, 3], int32 [3] labels in TASKS order) of one scene, memoised."""
+  key = (split, index, size)
+  hit = _MEMO.get(key)
+  if hit is not None:
+    return hit
+  image, y = example(DATASET_SEED, split, index, size)
+  out = (image, np.asarray([y[t] for t in TASKS], np.int32))
+  if (len(_MEMO) + 1) * image.nbytes <= _MEMO_BYTES:
+    _MEMO[key] = out
+  return out
+
+
 def tf_example(split: str, index, size: int) -> tuple[tf.Tensor, tf.Tensor]:
   """(image float32 [size, size, 3] in [0, 1], int32 [3] labels in TASKS order) of scene
   `index` of the dataset (DATASET_SEED), rendered by numpy inside a TF pipeline."""
 
   def render_one(i):
-    image, y = example(DATASET_SEED, split, int(i), size)
-    return image, np.asarray([y[t] for t in TASKS], np.int32)
+    return _rendered(split, int(i), size)
 
   image, labels = tf.numpy_function(render_one, [index], (tf.uint8, tf.int32), stateful=False)
   image = tf.ensure_shape(image, [size, size, 3])

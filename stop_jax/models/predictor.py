@@ -56,7 +56,15 @@ class Predictor(nn.Module):
 
   @nn.compact
   def __call__(
-    self, ctx, ctx_idx, tgt_idx, ctx_valid=None, tgt_valid=None, deterministic: bool = False
+    self,
+    ctx,
+    ctx_idx,
+    tgt_idx,
+    ctx_valid=None,
+    tgt_valid=None,
+    deterministic: bool = False,
+    coarse_idx=None,
+    coarse_valid=None,
   ):
     """Runs the predictor.
 
@@ -68,13 +76,25 @@ class Predictor(nn.Module):
         are padding: never attended to (their own outputs are meaningless and must be ignored).
       deterministic: draw no noise (inference tools; the official code draws it in eval too).
         Requires no 'stop' rng.
+      coarse_idx, coarse_valid: optional int / bool [n, B, Kq]: also predict each block's cells
+        of the 2x coarser grid (Table 8's low-res targets, train/lowres.py). Their masked
+        tokens join the block's sequence, built like the others (mask token or StoP noise) at
+        the coarse grid's sin-cos position plus a learned level token `lowres_token`.
     Returns:
-      [n, B, Kt, d_e] predictions of the target features.
+      [n, B, Kt, d_e] predictions of the target features; with coarse_idx, also the
+      [n, B, Kq, d_e] predictions of the coarse cells.
     """
     noisy = not deterministic and self.sigma > 0 and self.stop_mode != 'off'
     psi_ctx, psi_tgt = self._positions(ctx_idx, tgt_idx)
+    kt = tgt_idx.shape[-1]
+    if coarse_idx is not None:
+      # One sequence per block: [context, block tokens, coarse cells].
+      psi_tgt = jnp.concatenate([psi_tgt, self._coarse_positions(coarse_idx)], axis=2)
+      fine_valid = jnp.ones(tgt_idx.shape, bool) if tgt_valid is None else tgt_valid
+      tgt_valid = jnp.concatenate([fine_valid, coarse_valid], axis=2)
     c, m = self._stop_tokens(ctx, psi_ctx, psi_tgt, noisy)
-    return self._predict(c, m, ctx_valid, tgt_valid)
+    out = self._predict(c, m, ctx_valid, tgt_valid)
+    return out if coarse_idx is None else (out[:, :, :kt], out[:, :, kt:])
 
   def _positions(self, ctx_idx, tgt_idx):
     """psi at the context and the target indices: [B, Kc, d_p] and [n, B, Kt, d_p]."""
@@ -86,6 +106,14 @@ class Predictor(nn.Module):
     psi_ctx = jnp.take(pos, ctx_idx, axis=0).astype(self.dtype)  # [B, Kc, d_p]
     psi_tgt = jnp.take(pos, tgt_idx, axis=0).astype(self.dtype)  # [n, B, Kt, d_p]
     return psi_ctx, psi_tgt
+
+  def _coarse_positions(self, coarse_idx):
+    """psi of the coarse cells: the (h/2, w/2) grid's sin-cos table plus a learned level token
+    (without it a coarse cell's position could equal a fine token's). [n, B, Kq, d_p]."""
+    h, w = self.grid
+    pos = jnp.asarray(sincos_2d(h // 2, w // 2, self.width))  # [h/2 * w/2, d_p], fixed
+    level = self.param('lowres_token', init((None, None, None, 'embed')), (1, 1, 1, self.width))
+    return (jnp.take(pos, coarse_idx, axis=0) + level).astype(self.dtype)
 
   # ---- StoP ------------------------------------------------------------------------------------
 

@@ -31,8 +31,18 @@ def run_metrics(run_dir: str) -> dict[str, float]:
   eval_dir = os.path.join(run_dir, 'eval')
   for path in fileio.glob(os.path.join(eval_dir, '*.json')):
     name = os.path.basename(path)[: -len('.json')]
-    _flatten(fileio.read_json(path), name, out)
+    record = fileio.read_json(path)
+    # An evaluation record (stop_jax.evaluate): its scores per feature type, not its metadata.
+    _flatten(record.get('results', record), name, out)
   return out
+
+
+# The scores results.md shows (results.json keeps every number): the last key of a metric.
+HEADLINE = ('accuracy', 'top1', 'J&F-Mean')
+
+
+def headline(metric: str) -> bool:
+  return metric.rsplit('/', 1)[-1] in HEADLINE
 
 
 def _flatten(value, prefix: str, out: dict):
@@ -66,15 +76,20 @@ def summarise(per_run: list[dict]) -> dict:
   }
 
 
+def _scale(metric: str) -> float:
+  """Accuracies are shown in %."""
+  return 100.0 if metric.rsplit('/', 1)[-1] in ('accuracy', 'top1', 'top5') else 1.0
+
+
 def markdown(summary: dict, variants: list[str], missing: list[str]) -> str:
   """One row per variant, one column per metric: 'mean +- std (n)'; accuracies in %."""
-  metrics = sorted({m for v in summary.values() for m in v})
+  metrics = sorted({m for v in summary.values() for m in v if headline(m)})
   lines = ['| variant | ' + ' | '.join(metrics) + ' |', '|---' * (len(metrics) + 1) + '|']
   for variant in variants:
     cells = []
     for m in metrics:
       s = summary.get(variant, {}).get(m)
-      scale = 100.0 if 'accuracy' in m else 1.0
+      scale = _scale(m)
       cells.append(
         '-' if s is None else f'{s["mean"] * scale:.2f} +- {s["std"] * scale:.2f} ({s["n"]})'
       )
@@ -85,26 +100,29 @@ def markdown(summary: dict, variants: list[str], missing: list[str]) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def bar_plot(summary: dict, variants: list[str], metric: str) -> bytes | None:
-  """PNG bytes of mean +- std of one metric per variant (None if no variant has it)."""
-  present = [v for v in variants if metric in summary.get(v, {})]
-  if not present:
+def bar_plot(summary: dict, variants: list[str], metrics: list[str]) -> bytes | None:
+  """PNG bytes: one panel per metric, mean +- std per variant (None if no variant has any)."""
+  metrics = [m for m in metrics if any(m in summary.get(v, {}) for v in variants)]
+  if not metrics:
     return None
   import matplotlib  # noqa: PLC0415 (plotting only when there is something to plot)
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  scale = 100.0 if 'accuracy' in metric else 1.0
-  means = [summary[v][metric]['mean'] * scale for v in present]
-  stds = [summary[v][metric]['std'] * scale for v in present]
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(present) + 1.5), 3.5))
-  ax.bar(range(len(present)), means, yerr=stds, capsize=4, color='tab:blue')
-  ax.set_xticks(range(len(present)), present, rotation=30, ha='right')
-  ax.set_ylabel(metric + (' (%)' if scale == 100.0 else ''))
-  lo = min(m - s for m, s in zip(means, stds, strict=True))
-  hi = max(m + s for m, s in zip(means, stds, strict=True))
-  ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+  width = max(4.0, 0.9 * len(variants) + 1.5)
+  fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 3.8), squeeze=False)
+  for ax, metric in zip(axes[0], metrics, strict=True):
+    present = [v for v in variants if metric in summary.get(v, {})]
+    scale = _scale(metric)
+    means = [summary[v][metric]['mean'] * scale for v in present]
+    stds = [summary[v][metric]['std'] * scale for v in present]
+    ax.bar(range(len(present)), means, yerr=stds, capsize=4, color='tab:blue')
+    ax.set_xticks(range(len(present)), present, rotation=30, ha='right')
+    ax.set_ylabel(metric + (' (%)' if scale == 100.0 else ''), fontsize=8)
+    lo = min(m - s for m, s in zip(means, stds, strict=True))
+    hi = max(m + s for m, s in zip(means, stds, strict=True))
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
   fig.tight_layout()
   buf = io.BytesIO()
   fig.savefig(buf, format='png', dpi=120)
@@ -125,7 +143,10 @@ def aggregate(runs: list[dict], workdir: str) -> dict:
   }
   fileio.write_json(os.path.join(workdir, 'results.json'), result, indent=2)
   fileio.write_text(os.path.join(workdir, 'results.md'), markdown(summary, variants, missing))
-  png = bar_plot(summary, variants, 'probe/pretrained/accuracy')
+  # The training probe and each evaluation's score on the last layer's features.
+  shown = sorted({m for v in summary.values() for m in v if headline(m)})
+  plotted = [m for m in shown if m.startswith('probe/pretrained/') or '/last/' in m]
+  png = bar_plot(summary, variants, plotted[:6])
   if png is not None:
     fileio.write_bytes(os.path.join(workdir, 'results.png'), png)
   return result

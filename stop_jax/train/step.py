@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from stop_jax.train import lowres as lowres_lib
 from stop_jax.train.schedules import Schedules
 
 
@@ -107,7 +108,11 @@ def init_params(encoder: nn.Module, predictor: nn.Module, config, rng: jax.Array
   k_enc, k_pred, k_stop = jax.random.split(rng, 3)
   enc = encoder.init(k_enc, images, ctx_idx)['params']
   feats = jnp.zeros((1, 1, encoder.width), jnp.float32)
-  pred = predictor.init({'params': k_pred, 'stop': k_stop}, feats, ctx_idx, tgt_idx)['params']
+  coarse = {}
+  if config.loss.lowres != 'none':  # creates the coarse cells' level token
+    coarse = {'coarse_idx': tgt_idx, 'coarse_valid': jnp.ones(tgt_idx.shape, bool)}
+  rngs = {'params': k_pred, 'stop': k_stop}
+  pred = predictor.init(rngs, feats, ctx_idx, tgt_idx, **coarse)['params']
   params = {'encoder': enc, 'predictor': pred}
   return params if boxed else nn.unbox(params)
 
@@ -233,18 +238,24 @@ def a_penalty(a_kernel, kind: str):
 
 
 def make_loss_fn(config, encoder, predictor):
-  """Returns `loss_fn(params, batch, targets, stop_rng) -> (total, (loss, predictor stats))`.
+  """Returns `loss_fn(params, batch, targets, stop_rng) -> (total, (losses, predictor stats))`.
 
-  total = the prediction loss on the target blocks + stop.reg_weight x the A penalty (ablation).
-  targets: float32 [n, B, Kt, D] (`gather_targets`); differentiate w.r.t. params only.
+  total = the prediction loss on the target blocks (+ loss.lowres_weight x the loss on their
+  coarse cells, Table 8) + stop.reg_weight x the A penalty (ablation); losses: {'loss'} (and
+  'loss_lowres').
+  targets: float32 [n, B, Kt, D] (`gather_targets`), or with loss.lowres the pair (fine, coarse
+  [n, B, Kq, D]) when batch also holds 'coarse_idx' / 'coarse_valid'. Differentiate w.r.t.
+  params only.
   """
   loss_kind = config.loss.type
   reg_kind, reg_weight = config.stop.reg, float(config.stop.reg_weight)
+  lowres_weight = float(config.loss.lowres_weight)
 
   def loss_fn(params, batch, targets, stop_rng):
     ctx = encoder.apply(
       {'params': params['encoder']}, batch['image'], batch['ctx_idx'], batch['ctx_valid']
     )
+    coarse = {k: batch[k] for k in ('coarse_idx', 'coarse_valid') if k in batch}
     pred, aux = predictor.apply(
       {'params': params['predictor']},
       ctx,
@@ -252,12 +263,18 @@ def make_loss_fn(config, encoder, predictor):
       batch['tgt_idx'],
       batch['ctx_valid'],
       batch['tgt_valid'],
+      **coarse,
       rngs={'stop': stop_rng},
       mutable=['stats'],
     )
-    loss = prediction_loss(pred, targets, batch['tgt_valid'], loss_kind)
     reg = a_penalty(params['predictor']['predictor_embed']['kernel'], reg_kind)
-    return loss + reg_weight * reg, (loss, aux['stats'])
+    if not coarse:
+      loss = prediction_loss(pred, targets, batch['tgt_valid'], loss_kind)
+      return loss + reg_weight * reg, ({'loss': loss}, aux['stats'])
+    loss = prediction_loss(pred[0], targets[0], batch['tgt_valid'], loss_kind)
+    lowres = prediction_loss(pred[1], targets[1], batch['coarse_valid'], loss_kind)
+    total = loss + lowres_weight * lowres + reg_weight * reg
+    return total, ({'loss': loss, 'loss_lowres': lowres}, aux['stats'])
 
   return loss_fn
 
@@ -354,6 +371,8 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
   """
   num_target_layers = config.loss.num_target_layers
   combine = config.loss.multi_layer_target
+  lowres = config.loss.lowres
+  grid = (config.model.image_size // config.model.patch_size,) * 2
   loss_fn = make_loss_fn(config, encoder, predictor)
 
   def train_step(state: TrainState, batch, rng, limits=None):
@@ -363,7 +382,12 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
       encoder, state.target_params, batch['image'], num_target_layers, combine
     )
     targets = gather_targets(feats, batch['tgt_idx'])  # [n, B, Kt, D]
-    (total, (loss, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    if lowres != 'none':  # Table 8: also the 2x coarser map at each block's cells
+      coarse_idx, coarse_valid = lowres_lib.coarse_cells(batch['tgt_idx'], batch['tgt_valid'], grid)
+      coarse = layer_norm(lowres_lib.downscale(feats, grid, lowres))  # [B, N/4, D]
+      targets = (targets, gather_targets(coarse, coarse_idx))
+      batch = {**batch, 'coarse_idx': coarse_idx, 'coarse_valid': coarse_valid}
+    (total, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, targets, stop_rng
     )
     params, target_params, opt_state, update = apply_update(
@@ -371,7 +395,7 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
     )
     embed = params['predictor']['predictor_embed']
     metrics = {
-      'loss': loss,
+      **losses,
       'total_loss': total,
       **update,
       'A_norm': jnp.linalg.norm(embed['kernel']),
