@@ -47,6 +47,13 @@ VARIANTS = {
     'sin-cos, also predicting the 2x bilinearly resized target map (Table 8)',
     {'stop.mode': 'off', 'loss.lowres': 'bilinear'},
   ),
+  # A reference row, not a method: the encoder as initialised (one step at LR 0 and weight
+  # decay 0 changes nothing), so the sweep's evaluations score untrained features.
+  'random_init': (
+    'reference: the untrained encoder of the same seed',
+    {'total_steps': 1, 'optim.start_lr': 0.0, 'optim.lr': 0.0, 'optim.final_lr': 0.0,
+     'optim.weight_decay': 0.0, 'optim.final_weight_decay': 0.0},
+  ),
   'corrected_masks': (
     "StoP with our corrected mask sampler instead of the official one",
     {'mask.mode': 'corrected'},
@@ -101,8 +108,11 @@ def expand(names) -> list[str]:
 def apply(config, name: str):
   """Sets a variant's overrides on a config (in place)."""
   for key, value in variant_overrides(name).items():
-    group, leaf = key.split('.')
-    config[group][leaf] = value
+    *groups, leaf = key.split('.')
+    node = config
+    for group in groups:
+      node = node[group]
+    node[leaf] = value
   return config
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -130,13 +131,29 @@ def evaluations(specs, eval_args: str) -> list[tuple[str, list[str]]]:
 
 
 def _call(cmd, what: str) -> int:
-  """Runs one child; 0 or the preemption code, else the sweep stops with what failed."""
-  code = subprocess.call(cmd)
-  if code not in (0, distributed.PREEMPTED_EXIT_CODE):
-    raise SystemExit(f'error: {what} failed with exit code {code}')
-  if code:
+  """Runs one child; 0 or the preemption code, else the sweep stops with what failed.
+
+  A SIGTERM to the sweep goes to the child too (a run saves its state and exits 75), so
+  stopping the sweep never leaves a run going on alone; the sweep then exits 75.
+  """
+  child = subprocess.Popen(cmd)
+  stopped = []
+
+  def forward(signum, _frame):
+    stopped.append(signum)
+    child.send_signal(signum)
+
+  previous = signal.signal(signal.SIGTERM, forward)
+  try:
+    code = child.wait()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if stopped or code == distributed.PREEMPTED_EXIT_CODE:
     logging.warning('preempted during %s: rerun the same sweep command to continue', what)
-  return code
+    return distributed.PREEMPTED_EXIT_CODE
+  if code != 0:
+    raise SystemExit(f'error: {what} failed with exit code {code}')
+  return 0
 
 
 def run_local(runs, dry_run: bool, evals=()) -> int:

@@ -185,3 +185,30 @@ def test_a_local_sweep_runs_skips_finished_runs_and_aggregates(tmp_path):
   again = _sweep(*args)
   assert again.returncode == 0 and 'finished, skipped' in again.stderr
   assert again.stderr.count('finished, skipped') == 2
+
+
+def test_a_sigterm_to_the_sweep_reaches_the_running_child(tmp_path):
+  import signal
+  import threading
+  import time
+
+  marker = tmp_path / 'child_got_sigterm'
+  child = (
+    'import signal, sys, time\n'
+    f'signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, "w").close(), sys.exit(75)))\n'
+    'time.sleep(60)\n'
+  )
+  started = tmp_path / 'started'
+  cmd = [sys.executable, '-c', f'open({str(started)!r}, "w").close()\n' + child]
+
+  def stop_the_sweep():
+    while not started.exists():
+      time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=stop_the_sweep, daemon=True).start()
+  t0 = time.monotonic()
+  assert sweep._call(cmd, 'a run') == 75
+  assert marker.exists() and time.monotonic() - t0 < 30
+  assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back

@@ -36,6 +36,9 @@ def get_config(arg=None):
   f.crop_scale = (0.5, 1.0)
   f.randaug_magnitude = 5.0
   f.mixup, f.cutmix = 0.2, 0.0  # a CutMix box can hide most of a 32 px digit
+  # The pretrained tiny encoder's pooled features share a large common part that LayerNorm keeps
+  # and drowns the head in: standardise each feature across images instead.
+  f.head_norm = 'batchnorm'
   f.reprob = 0.0  # so can an erased box
   f.eval_every_epochs = 50.0
   f.eval_batch_size = 360

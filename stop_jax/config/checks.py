@@ -20,6 +20,7 @@ from stop_jax.config.schema import (
   FEATURE_TYPES,
   FINETUNE_SOURCES,
   GRAD_CLIP_SCOPES,
+  HEAD_NORMS,
   INTERPOLATIONS,
   LOWRES_TARGETS,
   MASK_MODES,
@@ -359,6 +360,7 @@ def _check_finetune(config: ml_collections.ConfigDict):
   _check_range('finetune.crop_scale', f.crop_scale)
   interp = f.interpolation
   _check(interp in INTERPOLATIONS, 'finetune.interpolation', interp, f'one of {INTERPOLATIONS}')
+  _check(f.head_norm in HEAD_NORMS, 'finetune.head_norm', f.head_norm, f'one of {HEAD_NORMS}')
   _check(f.randaug_num_ops >= 0, 'finetune.randaug_num_ops', f.randaug_num_ops, '>= 0 (0 = off)')
   m = f.randaug_magnitude
   _check(0 <= m <= 10, 'finetune.randaug_magnitude', m, 'in [0, 10]')

@@ -281,6 +281,7 @@ def _eval() -> ml_collections.ConfigDict:
 
 
 FINETUNE_SOURCES = ('tfds', 'folder', 'digits', 'synthetic')
+HEAD_NORMS = ('layernorm', 'batchnorm')
 
 
 def _finetune() -> ml_collections.ConfigDict:
@@ -320,13 +321,14 @@ def _finetune() -> ml_collections.ConfigDict:
   f.layer_decay = 0.75
   f.drop_path = 0.2  # Stochastic depth rate of the last block (linear in depth).
   f.head_init_std = 2e-5  # The head's kernel ~ N(0, std^2) (MAE), bias 0.
+  # What normalises the pooled features before the head, one of HEAD_NORMS: 'layernorm' (MAE
+  # fine-tuning's fc_norm) or 'batchnorm' (affine-free, running stats: MAE's linear-probe head),
+  # which also removes what every image shares (large in weakly trained encoders' features).
+  f.head_norm = 'layernorm'
   f.label_smoothing = 0.1
   # Mixup / CutMix on the device (timm's Mixup, mode 'batch'): per batch, with mixup_prob, mix
   # with the reversed batch; CutMix instead of Mixup with mixup_switch_prob. Alpha 0 = off.
-  f.mixup = 0.8
-  f.cutmix = 1.0
-  f.mixup_prob = 1.0
-  f.mixup_switch_prob = 0.5
+  f.mixup, f.cutmix, f.mixup_prob, f.mixup_switch_prob = 0.8, 1.0, 1.0, 0.5
   # Train images: RandomResizedCrop(crop_scale, 3/4..4/3, interpolation), flip, RandAugment
   # (timm's rand-m9-mstd0.5-inc1: randaug_num_ops ops, each applied with randaug_prob, magnitude
   # ~ N(randaug_magnitude, randaug_magnitude_std) of 10; 0 ops = off), normalise, random erasing
@@ -334,10 +336,7 @@ def _finetune() -> ml_collections.ConfigDict:
   f.crop_scale = (0.08, 1.0)
   f.interpolation = 'bicubic'
   f.flip = True
-  f.randaug_num_ops = 2
-  f.randaug_magnitude = 9.0
-  f.randaug_magnitude_std = 0.5
-  f.randaug_prob = 0.5
+  f.randaug_num_ops, f.randaug_magnitude, f.randaug_magnitude_std, f.randaug_prob = 2, 9.0, 0.5, 0.5
   f.reprob = 0.25
   f.eval_every_epochs = 5.0  # Test accuracy every this many epochs, and at the end.
   f.eval_batch_size = 256

@@ -20,6 +20,8 @@ split is the same scene whatever else is read.
 
 from __future__ import annotations
 
+import os
+import threading
 import zlib
 
 import numpy as np
@@ -172,9 +174,47 @@ def split_size(split: str, max_examples: int = -1) -> int:
 
 # Rendered scenes kept in memory, so later epochs and the probes' reads of the same scenes cost
 # nothing (rendering is the slow part of a small run). Bounded: past the budget, scenes are
-# rendered again on every read.
+# rendered again on every read. With STOP_JAX_SHAPES_CACHE=DIR, scenes are also kept on disk in
+# chunks of CHUNK consecutive scenes, shared by every process and run (the same bytes as
+# rendering: `render` is deterministic).
 _MEMO: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}
 _MEMO_BYTES = 1 << 30
+CHUNK = 500
+CACHE_ENV = 'STOP_JAX_SHAPES_CACHE'
+
+
+_LOCKS: dict[tuple[str, int, int], threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _chunk_lock(key) -> threading.Lock:
+  with _LOCKS_GUARD:
+    return _LOCKS.setdefault(key, threading.Lock())
+
+
+def _render_labelled(split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  image, y = example(DATASET_SEED, split, index, size)
+  return image, np.asarray([y[t] for t in TASKS], np.int32)
+
+
+def _disk_chunk(cache_dir: str, split: str, chunk: int, size: int):
+  """(uint8 [CHUNK, size, size, 3], int32 [CHUNK, 3]) of scenes chunk * CHUNK onwards, read
+  from the cache directory or rendered and written there (atomically: concurrent writers
+  each write the same bytes)."""
+  name = f'shapes-s{DATASET_SEED}-{_split_id(split):08x}-{size}px-{chunk * CHUNK}.npz'
+  path = os.path.join(cache_dir, name)
+  if os.path.exists(path):
+    with np.load(path) as data:
+      return data['images'], data['labels']
+  rendered = [_render_labelled(split, chunk * CHUNK + i, size) for i in range(CHUNK)]
+  images = np.stack([r[0] for r in rendered])
+  labels = np.stack([r[1] for r in rendered])
+  os.makedirs(cache_dir, exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}-{threading.get_ident()}'
+  with open(tmp, 'wb') as f:
+    np.savez(f, images=images, labels=labels)
+  os.replace(tmp, path)
+  return images, labels
 
 
 def _rendered(split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,11 +223,23 @@ def _rendered(split: str, index: int, size: int) -> tuple[np.ndarray, np.ndarray
   hit = _MEMO.get(key)
   if hit is not None:
     return hit
-  image, y = example(DATASET_SEED, split, index, size)
-  out = (image, np.asarray([y[t] for t in TASKS], np.int32))
-  if (len(_MEMO) + 1) * image.nbytes <= _MEMO_BYTES:
-    _MEMO[key] = out
-  return out
+  cache_dir = os.environ.get(CACHE_ENV)
+  if not cache_dir:
+    out = _render_labelled(split, index, size)
+    if (len(_MEMO) + 1) * out[0].nbytes <= _MEMO_BYTES:
+      _MEMO[key] = out
+    return out
+  chunk = index // CHUNK
+  with _chunk_lock((split, chunk, size)):  # one thread renders or reads a chunk
+    hit = _MEMO.get(key)
+    if hit is not None:
+      return hit
+    images, labels = _disk_chunk(cache_dir, split, chunk, size)
+  for i in range(CHUNK):
+    if (len(_MEMO) + 1) * images[i].nbytes > _MEMO_BYTES:
+      break
+    _MEMO[(split, chunk * CHUNK + i, size)] = (images[i], labels[i])
+  return images[index - chunk * CHUNK], labels[index - chunk * CHUNK]
 
 
 def tf_example(split: str, index, size: int) -> tuple[tf.Tensor, tf.Tensor]:

@@ -130,12 +130,15 @@ def build(config, plan: FinetunePlan, mesh) -> _Compiled:
   """The model, the state's shardings (from the logical names) and the jitted functions."""
   f = config.finetune
   encoder = models.build_encoder(config).clone(drop_path=float(f.drop_path))
-  model = fs.Classifier(encoder, plan.num_classes, float(f.head_init_std))
+  model = fs.Classifier(encoder, plan.num_classes, float(f.head_init_std), f.head_norm)
   images = jnp.zeros((1, plan.image_size, plan.image_size, 3), jnp.float32)
   schedule = fs.lr_schedule(plan.peak_lr, f.min_lr, plan.warmup_steps, plan.total_steps)
 
+  def init_variables(rng):
+    return model.init(rng, images)  # params boxed: leaves carry logical names
+
   def init_params(rng):
-    return model.init(rng, images)['params']  # boxed: leaves carry logical names
+    return init_variables(rng)['params']
 
   depth = config_lib.vit_shape(config.model)[1]
   scales = fs.llrd_scales(
@@ -144,8 +147,9 @@ def build(config, plan: FinetunePlan, mesh) -> _Compiled:
   tx = fs.make_optimizer(f, schedule, scales)
 
   def create(rng, boxed=False):
-    params = init_params(rng)
-    state = fs.FinetuneState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    variables = init_variables(rng)
+    params, stats = variables['params'], variables.get('batch_stats', {})
+    state = fs.FinetuneState(jnp.zeros((), jnp.int32), params, tx.init(params), stats)
     return state if boxed else nn.unbox(state)
 
   boxed = jax.eval_shape(lambda r: create(r, boxed=True), jax.random.key(0))
@@ -162,9 +166,9 @@ def build(config, plan: FinetunePlan, mesh) -> _Compiled:
     with sharding.activation_sharding(mesh):
       return inner_step(state, batch, rng)
 
-  def evaluate(params, batch):
+  def evaluate(params, batch_stats, batch):
     with sharding.activation_sharding(mesh):
-      return inner_eval(params, batch)
+      return inner_eval(params, batch_stats, batch)
 
   return _Compiled(
     model=model,
@@ -177,7 +181,11 @@ def build(config, plan: FinetunePlan, mesh) -> _Compiled:
       in_shardings=(state_sh, batch_sh, replicated),
       out_shardings=(state_sh, replicated),
     ),
-    evaluate=jax.jit(evaluate, in_shardings=(state_sh.params, batch_sh), out_shardings=replicated),
+    evaluate=jax.jit(
+      evaluate,
+      in_shardings=(state_sh.params, state_sh.batch_stats, batch_sh),
+      out_shardings=replicated,
+    ),
     batch_sharding=batch_sh,
     encoder_shardings=state_sh.params['encoder'],
   )
@@ -210,13 +218,15 @@ def _initial_state(compiled: _Compiled, loaded, config):
   return state.replace(params=params)
 
 
-def test_accuracy(compiled: _Compiled, params, test, batch: int) -> dict:
-  """{'top1', 'top5', 'num_test'} over the whole test split (padding rows not counted)."""
+def test_accuracy(compiled: _Compiled, state, test, batch: int) -> dict:
+  """{'top1', 'top5', 'num_test'} of the state's model over the whole test split (padding rows
+  not counted)."""
   batch = -(-batch // compiled.mesh.size) * compiled.mesh.size
   shardings = dict.fromkeys(('image', 'label', 'valid'), compiled.batch_sharding)
   counts = np.zeros(3, np.int64)  # top-1 hits, top-5 hits, valid rows: global sums
   for b in labelled.eval_batches(test, batch):
-    counts += np.asarray(compiled.evaluate(params, batch_lib.to_global(b, shardings)))
+    global_batch = batch_lib.to_global(b, shardings)
+    counts += np.asarray(compiled.evaluate(state.params, state.batch_stats, global_batch))
   n = max(int(counts[2]), 1)
   return {'top1': counts[0] / n, 'top5': counts[1] / n, 'num_test': int(counts[2])}
 
@@ -302,7 +312,7 @@ def _steps(config, plan, compiled, state, batches, rng, test, evals, ckpt, logge
     if done % f.log_every_steps == 0 or done == plan.total_steps:
       logger.push(done, metrics)
     if done % plan.eval_every_steps == 0 or done == plan.total_steps:
-      result = test_accuracy(compiled, state.params, test, f.eval_batch_size)
+      result = test_accuracy(compiled, state, test, f.eval_batch_size)
       logger.write_summary(done, result, prefix='finetune_test')
       logging.info(
         'finetune step %d: test top-1 %.4f, top-5 %.4f', done, result['top1'], result['top5']

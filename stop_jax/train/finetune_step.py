@@ -24,23 +24,45 @@ class FinetuneState:
   step: jax.Array  # int32 scalar: optimiser steps taken
   params: Any  # {'encoder': ..., 'fc_norm': ..., 'head': ...}
   opt_state: optax.OptState
+  # The BatchNorm head's running mean / var ({'head_bn': {'mean', 'var'}}); {} without one.
+  batch_stats: Any
 
 
 class Classifier(nn.Module):
-  """The encoder, its tokens average-pooled, a LayerNorm and a linear head (MAE's global_pool
-  head: `fc_norm` then `head`). The encoder keeps its own final norm, so every pretrained
-  weight is used."""
+  """The encoder, its tokens average-pooled, a norm and a linear head. The encoder keeps its
+  own final norm, so every pretrained weight is used.
+
+  head_norm 'layernorm': MAE's global_pool head (`fc_norm` then `head`). 'batchnorm': an
+  affine-free BatchNorm (`head_bn`, momentum 0.9, running stats in the 'batch_stats'
+  collection) then `head`, as MAE's linear-probe head; it standardises each feature across
+  images, which removes the component every image shares (LayerNorm keeps it).
+  """
 
   encoder: nn.Module
   num_classes: int
   head_init_std: float = 2e-5
+  head_norm: str = 'layernorm'
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     """images: normalised [B, H, W, 3] -> float32 logits [B, num_classes]."""
     x = self.encoder(images, train=train)  # [B, N, D]
     x = jnp.mean(x.astype(jnp.float32), axis=1)  # [B, D]
-    x = nn.LayerNorm(epsilon=1e-6, name='fc_norm')(x)
+    if self.head_norm == 'batchnorm':
+      # Batch statistics over the global batch (jit sees the sharded batch as one array).
+      x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-6,
+        use_bias=False,
+        use_scale=False,
+        # Two-pass variance: the shared part this norm exists to remove is large, and
+        # E[x^2] - E[x]^2 would cancel catastrophically in float32.
+        use_fast_variance=False,
+        name='head_bn',
+      )(x)
+    else:
+      x = nn.LayerNorm(epsilon=1e-6, name='fc_norm')(x)
     init = nn.initializers.truncated_normal(self.head_init_std)
     return nn.Dense(self.num_classes, kernel_init=init, name='head')(x)
 
@@ -192,10 +214,13 @@ def make_train_step(model: Classifier, tx, f, schedule):
     )
 
     def loss_fn(params):
-      logits = model.apply({'params': params}, images, train=True, rngs={'dropout': k_drop})
-      return soft_cross_entropy(logits, targets)
+      variables = {'params': params, 'batch_stats': state.batch_stats}
+      logits, updated = model.apply(
+        variables, images, train=True, rngs={'dropout': k_drop}, mutable=['batch_stats']
+      )
+      return soft_cross_entropy(logits, targets), updated.get('batch_stats', {})
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -204,17 +229,17 @@ def make_train_step(model: Classifier, tx, f, schedule):
       'grad_norm': optax.tree.norm(grads),
       'mix_lambda': lam,
     }
-    return FinetuneState(state.step + 1, params, opt_state), metrics
+    return FinetuneState(state.step + 1, params, opt_state, batch_stats), metrics
 
   return train_step
 
 
 def make_eval_step(model: Classifier, top: int = 5):
-  """(params, batch {'image', 'label', 'valid'}) -> int32 [3]: top-1 hits, top-k hits and
-  valid rows, over the global batch."""
+  """(params, batch_stats, batch {'image', 'label', 'valid'}) -> int32 [3]: top-1 hits, top-k
+  hits and valid rows, over the global batch."""
 
-  def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['image'])
+  def eval_step(params, batch_stats, batch):
+    logits = model.apply({'params': params, 'batch_stats': batch_stats}, batch['image'])
     _, idx = jax.lax.top_k(logits, min(top, logits.shape[-1]))  # [B, k]
     hit = idx == batch['label'][:, None]
     valid = batch['valid']

@@ -213,6 +213,20 @@ def gather_targets(feats, tgt_idx):
   )
 
 
+def coarse_targets(feats, batch, grid: tuple[int, int], method: str):
+  """Table 8's low-res targets (train/lowres.py): the target map downscaled 2x by `method` and
+  layer-normed again, at each block's distinct coarse cells.
+
+  Args:
+    feats: float32 [B, N, D] (`target_features`); batch: 'tgt_idx' / 'tgt_valid' [n, B, Kt].
+  Returns:
+    (float32 [n, B, Kt, D] targets, int [n, B, Kt] coarse indices, bool [n, B, Kt] valid).
+  """
+  idx, valid = lowres_lib.coarse_cells(batch['tgt_idx'], batch['tgt_valid'], grid)
+  coarse = layer_norm(lowres_lib.downscale(feats, grid, method))  # [B, N/4, D]
+  return gather_targets(coarse, idx), idx, valid
+
+
 def prediction_loss(pred, target, valid, kind: str = 'smooth_l1'):
   """Mean over valid target tokens and features.
 
@@ -383,9 +397,8 @@ def make_train_step(config, encoder, predictor, tx, schedules: Schedules):
     )
     targets = gather_targets(feats, batch['tgt_idx'])  # [n, B, Kt, D]
     if lowres != 'none':  # Table 8: also the 2x coarser map at each block's cells
-      coarse_idx, coarse_valid = lowres_lib.coarse_cells(batch['tgt_idx'], batch['tgt_valid'], grid)
-      coarse = layer_norm(lowres_lib.downscale(feats, grid, lowres))  # [B, N/4, D]
-      targets = (targets, gather_targets(coarse, coarse_idx))
+      coarse, coarse_idx, coarse_valid = coarse_targets(feats, batch, grid, lowres)
+      targets = (targets, coarse)
       batch = {**batch, 'coarse_idx': coarse_idx, 'coarse_valid': coarse_valid}
     (total, (losses, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, batch, targets, stop_rng

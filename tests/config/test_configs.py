@@ -68,6 +68,13 @@ def test_ablation_variants_select_the_right_switches():
     _, c = _load(path, f'variant={variant}')
     assert (c.stop.mode, c.predictor.pos_embed, c.stop.reg) == (mode, pos, reg), variant
     assert (c.optim.epochs, c.optim.lr, c.model.variant) == (300, 1e-3, 'base')
+    assert c.loss.lowres == 'none'
+  for kind in ('max', 'bilinear'):
+    _, c = _load(path, f'variant=lowres_{kind}')
+    assert (c.stop.mode, c.loss.lowres, c.loss.lowres_weight) == ('off', kind, 1.0)
+  # The reference row sets a top-level key (total_steps) as well as grouped ones.
+  _, c = _load(path, 'variant=random_init')
+  assert (c.total_steps, c.optim.lr, c.optim.start_lr, c.optim.weight_decay) == (1, 0, 0, 0)
   with pytest.raises(config_lib.ConfigError, match="variant='nope'"):
     _load(path, 'variant=nope')
   with pytest.raises(config_lib.ConfigError, match='colour'):

@@ -96,3 +96,22 @@ def test_shapes_labels_need_the_shapes_source():
     config_lib.validate(c)
   with pytest.raises(ValueError, match='needs source=shapes'):
     labelled.EvalData(source='digits', label='shapes_dist')
+
+
+def test_the_disk_cache_gives_the_rendered_bytes_and_is_reused(tmp_path, monkeypatch):
+  monkeypatch.setenv(shapes.CACHE_ENV, str(tmp_path))
+  monkeypatch.setattr(shapes, '_MEMO', {})
+  index = shapes.CHUNK + 7  # the second chunk
+  image, labels = shapes._rendered('cache-test', index, 16)
+  expected, y = shapes.example(shapes.DATASET_SEED, 'cache-test', index, 16)
+  np.testing.assert_array_equal(image, expected)
+  assert list(labels) == [y[t] for t in shapes.TASKS]
+  (chunk,) = list(tmp_path.iterdir())
+  assert chunk.name.endswith(f'-16px-{shapes.CHUNK}.npz')
+  # A fresh process (empty memo) reads the chunk instead of rendering.
+  monkeypatch.setattr(shapes, '_MEMO', {})
+  monkeypatch.setattr(shapes, 'example', lambda *a: pytest.fail('rendered again'))
+  image2, labels2 = shapes._rendered('cache-test', index - 3, 16)
+  expected2 = np.load(chunk)['images'][4]
+  np.testing.assert_array_equal(image2, expected2)
+  assert labels2.shape == (3,)

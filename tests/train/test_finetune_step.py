@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
+import ml_collections
 
 from stop_jax.train import finetune_step as fs
 
@@ -113,3 +115,55 @@ def test_mixup_off_and_prob_zero_leave_the_batch():
   )
   np.testing.assert_array_equal(tt, t)
   assert float(lam) == 1.0
+
+
+class _Pool(nn.Module):
+  """A stand-in encoder: the images' pixels as 3 tokens of width 4 (no params)."""
+
+  @nn.compact
+  def __call__(self, images, train=False):
+    return images.reshape(images.shape[0], 3, 4)
+
+
+def test_the_batchnorm_head_standardises_with_batch_stats_in_training_and_running_stats_after():
+  model = fs.Classifier(_Pool(), num_classes=2, head_init_std=0.5, head_norm='batchnorm')
+  rng = np.random.default_rng(0)
+  # A large part every image shares plus a small part that differs: LayerNorm keeps the shared
+  # part, BatchNorm removes it.
+  images = jnp.asarray(100.0 + rng.normal(size=(8, 2, 2, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images)
+  assert 'fc_norm' not in variables['params']
+  stats = variables['batch_stats']['head_bn']
+  np.testing.assert_allclose(stats['mean'], 0.0) and np.testing.assert_allclose(stats['var'], 1.0)
+  pooled = np.asarray(images).reshape(8, 3, 4).mean(1)  # [B, 4]
+  head = variables['params']['head']
+  logits, updated = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  standard = (pooled - pooled.mean(0)) / np.sqrt(pooled.var(0) + 1e-6)
+  np.testing.assert_allclose(logits, standard @ head['kernel'] + head['bias'], rtol=1e-4, atol=1e-4)
+  new = updated['batch_stats']['head_bn']
+  np.testing.assert_allclose(new['mean'], 0.1 * pooled.mean(0), rtol=1e-5)
+  # Evaluation uses the running statistics, not the test batch's.
+  evaluated = model.apply({'params': variables['params'], 'batch_stats': updated['batch_stats']}, images[:2])
+  running = (pooled[:2] - new['mean']) / np.sqrt(np.asarray(new['var']) + 1e-6)
+  np.testing.assert_allclose(evaluated, running @ head['kernel'] + head['bias'], rtol=1e-4, atol=1e-3)
+
+
+def test_the_train_step_carries_the_batchnorm_statistics_in_the_state():
+  model = fs.Classifier(_Pool(), num_classes=3, head_norm='batchnorm')
+  images = jnp.asarray(np.random.default_rng(1).normal(size=(6, 2, 2, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), images)
+  tx = optax.adamw(1e-3)
+  f = ml_collections.ConfigDict(
+    dict(label_smoothing=0.0, mixup=0.0, cutmix=0.0, mixup_prob=1.0, mixup_switch_prob=0.5)
+  )
+  step = jax.jit(fs.make_train_step(model, tx, f, lambda s: 1e-3))
+  state = fs.FinetuneState(
+    jnp.zeros((), jnp.int32), variables['params'], tx.init(variables['params']),
+    variables['batch_stats'],
+  )  # fmt: skip
+  new, _ = step(state, {'image': images, 'label': jnp.arange(6) % 3}, jax.random.key(2))
+  pooled = np.asarray(images).reshape(6, 3, 4).mean(1)
+  np.testing.assert_allclose(new.batch_stats['head_bn']['mean'], 0.1 * pooled.mean(0), rtol=1e-5)
+  hits = fs.make_eval_step(model)(new.params, new.batch_stats, {
+    'image': images, 'label': jnp.arange(6) % 3, 'valid': jnp.ones(6, bool)})  # fmt: skip
+  assert int(hits[2]) == 6

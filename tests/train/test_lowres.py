@@ -111,3 +111,23 @@ def test_an_odd_grid_is_refused_in_one_line():
   c.model.image_size = 20  # a 5x5 grid
   with pytest.raises(config_lib.ConfigError, match=r"loss.lowres.*'none' with an odd 5x5 grid"):
     config_lib.validate(c)
+
+
+def test_coarse_targets_are_the_layer_normed_downscaled_map_at_each_blocks_cells():
+  rng = np.random.default_rng(0)
+  feats = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)  # [B, 4x4, D]
+  batch = {
+    'tgt_idx': jnp.array([[[0, 1, 5, 15]] * 2, [[10, 11, 14, 3]] * 2], jnp.int32),
+    'tgt_valid': jnp.array([[[True, True, True, False]] * 2, [[True] * 4] * 2]),
+  }
+  targets, idx, valid = step_lib.coarse_targets(feats, batch, (4, 4), 'max')
+  pooled = np.asarray(feats).reshape(2, 2, 2, 2, 2, 8).max(axis=(2, 4)).reshape(2, 4, 8)
+  normed = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True) + 1e-5)
+  # Block 0 covers cell 0 only (token 15 is padding); block 1 cells 3 (10, 11, 14) and 1 (3).
+  assert sorted(np.asarray(idx)[0, 0][np.asarray(valid)[0, 0]]) == [0]
+  assert sorted(np.asarray(idx)[1, 1][np.asarray(valid)[1, 1]]) == [1, 3]
+  for n in range(2):
+    for b in range(2):
+      for k in np.flatnonzero(np.asarray(valid)[n, b]):
+        cell = int(idx[n, b, k])
+        np.testing.assert_allclose(targets[n, b, k], normed[b, cell], rtol=1e-5, atol=1e-5)

@@ -309,3 +309,17 @@ def test_bf16_ema_rounds_stochastically_and_tracks_the_float32_ema():
   values = np.unique(np.asarray(new, np.float32))
   np.testing.assert_array_equal(values, [1.0, 1.0 + 2**-7])  # the two neighbours only
   assert float(jnp.mean(new.astype(jnp.float32))) == pytest.approx(1.0 + 2**-10, abs=3e-5)
+
+
+def test_a_step_at_lr_0_and_weight_decay_0_leaves_the_encoder_as_initialised():
+  # configs/ablation.py's `random_init` reference row relies on this.
+  c = _config()
+  c.optim.update(dict(start_lr=0.0, lr=0.0, final_lr=0.0, weight_decay=0.0, final_weight_decay=0.0))
+  enc, pred, tx, sched, state = _setup(c)
+  before = jax.tree.map(np.asarray, state.target_params)
+  new, metrics = jax.jit(step_lib.make_train_step(c, enc, pred, tx, sched))(
+    state, _batch(), jax.random.key(1)
+  )
+  assert float(metrics['grad_norm']) > 0 and float(metrics['update_norm']) == 0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new.target_params), strict=True):
+    np.testing.assert_allclose(np.asarray(b), a, rtol=0, atol=1e-7)
