@@ -20,7 +20,9 @@ def _config(init: str, steps: int):
   c.finetune.max_test_examples = 32
   c.finetune.eval_batch_size = 32
   c.finetune.eval_every_epochs = 100.0  # only at the end
-  c.finetune.cutmix = 1.0  # both mixes on: their draws must resume too
+  # Every random draw on, so each must resume: both mixes, RandAugment, erasing, drop path.
+  c.finetune.mixup, c.finetune.cutmix, c.finetune.reprob = 0.2, 1.0, 0.25
+  c.finetune.randaug_num_ops = 2
   c.checkpoint.every_steps = 2
   c.log_every_steps = 1
   c.finetune.log_every_steps = 1
