@@ -2,13 +2,13 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
-import flax.linen as nn
-import ml_collections
 
 from stop_jax.train import finetune_step as fs
 
@@ -143,9 +143,13 @@ def test_the_batchnorm_head_standardises_with_batch_stats_in_training_and_runnin
   new = updated['batch_stats']['head_bn']
   np.testing.assert_allclose(new['mean'], 0.1 * pooled.mean(0), rtol=1e-5)
   # Evaluation uses the running statistics, not the test batch's.
-  evaluated = model.apply({'params': variables['params'], 'batch_stats': updated['batch_stats']}, images[:2])
+  evaluated = model.apply(
+    {'params': variables['params'], 'batch_stats': updated['batch_stats']}, images[:2]
+  )
   running = (pooled[:2] - new['mean']) / np.sqrt(np.asarray(new['var']) + 1e-6)
-  np.testing.assert_allclose(evaluated, running @ head['kernel'] + head['bias'], rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(
+    evaluated, running @ head['kernel'] + head['bias'], rtol=1e-4, atol=1e-3
+  )
 
 
 def test_the_train_step_carries_the_batchnorm_statistics_in_the_state():
