@@ -141,7 +141,7 @@ def test_results_md_shows_the_scores_of_evaluation_records_not_their_metadata(tm
   record = {
     'name': 'shapes_dist',
     'model': {'width': 64},
-    'results': {'last': {'accuracy': 0.25, 'l2': 1e-4, 'num_train': 2000}},
+    'results': {'last': {'accuracy': 0.25, 'top1': 0.25, 'l2': 1e-4, 'num_train': 2000}},
   }
   _finished(runs[0]['workdir'], 0.5, {'shapes_dist': record})
   result = sweep_results.aggregate(runs, str(tmp_path))

@@ -45,6 +45,15 @@ def headline(metric: str) -> bool:
   return metric.rsplit('/', 1)[-1] in HEADLINE
 
 
+def headline_metrics(summary: dict) -> list[str]:
+  """The headline metrics any variant has, sorted; 'top1' only where no 'accuracy' says the
+  same (a logistic-regression record carries both)."""
+  found = {m for v in summary.values() for m in v if headline(m)}
+  return sorted(
+    m for m in found if not (m.endswith('/top1') and m[: -len('top1')] + 'accuracy' in found)
+  )
+
+
 def _flatten(value, prefix: str, out: dict):
   if isinstance(value, dict):
     for k, v in value.items():
@@ -83,7 +92,7 @@ def _scale(metric: str) -> float:
 
 def markdown(summary: dict, variants: list[str], missing: list[str]) -> str:
   """One row per variant, one column per metric: 'mean +- std (n)'; accuracies in %."""
-  metrics = sorted({m for v in summary.values() for m in v if headline(m)})
+  metrics = headline_metrics(summary)
   lines = ['| variant | ' + ' | '.join(metrics) + ' |', '|---' * (len(metrics) + 1) + '|']
   for variant in variants:
     cells = []
@@ -144,7 +153,7 @@ def aggregate(runs: list[dict], workdir: str) -> dict:
   fileio.write_json(os.path.join(workdir, 'results.json'), result, indent=2)
   fileio.write_text(os.path.join(workdir, 'results.md'), markdown(summary, variants, missing))
   # The training probe and each evaluation's score on the last layer's features.
-  shown = sorted({m for v in summary.values() for m in v if headline(m)})
+  shown = headline_metrics(summary)
   plotted = [m for m in shown if m.startswith('probe/pretrained/') or '/last/' in m]
   png = bar_plot(summary, variants, plotted[:6])
   if png is not None:
