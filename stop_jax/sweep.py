@@ -17,9 +17,9 @@ works (`--config=configs/tiny.py` runs the variants at tiny scale).
   `launch/`: a SLURM job array over `launch/slurm.sbatch`, or one `launch/tpu_pod.sh start` per
   run; `--dry_run` prints the commands instead (--launcher_args are passed to the launcher).
 
-`--evaluate=eval/shapes_count.py,eval/shapes_dist.py` (local launcher) runs those evaluations
-(`python -m stop_jax.evaluate`, plus `--eval_args`) on every finished run that lacks their result;
-after remote runs, a local sweep with the same arguments only evaluates.
+`--evaluate=configs/eval/shapes_count.py,configs/eval/shapes_dist.py` (local launcher) runs
+those evaluations (`python -m stop_jax.evaluate`, plus `--eval_args`) on every finished run that
+lacks their result; after remote runs, a local sweep with the same arguments only evaluates.
 
 After the runs (and on `--aggregate_only`), every finished run's probe results are gathered into
 DIR/results.json and DIR/results.md (mean +- std over seeds per variant and headline metric) and
