@@ -131,3 +131,26 @@ def test_coarse_targets_are_the_layer_normed_downscaled_map_at_each_blocks_cells
       for k in np.flatnonzero(np.asarray(valid)[n, b]):
         cell = int(idx[n, b, k])
         np.testing.assert_allclose(targets[n, b, k], normed[b, cell], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_slots_of_the_coarse_cells_do_not_count_in_the_coarse_loss():
+  c = _config('max')
+  enc, pred = models.build_encoder(c), models.build_predictor(c)
+  state = step_lib.create_train_state(enc, pred, step_lib.make_optimizer(c), c, jax.random.key(0))
+  loss_fn = step_lib.make_loss_fn(c, enc, pred)
+  batch = _batch()
+  # Each block's 4 targets cover at most 4 coarse cells: slots past its distinct cells are
+  # padding (coarse_valid False), whatever targets they hold.
+  idx, valid = lowres.coarse_cells(batch['tgt_idx'], batch['tgt_valid'], (4, 4))
+  assert not bool(jnp.all(valid))  # the batch has padding to ignore
+  batch = {**batch, 'coarse_idx': idx, 'coarse_valid': valid}
+  rng = np.random.default_rng(1)
+  fine = jnp.asarray(rng.normal(size=(2, 2, 4, 32)), jnp.float32)
+  coarse = jnp.asarray(rng.normal(size=(2, 2, 4, 32)), jnp.float32)
+  moved = jnp.where(valid[..., None], coarse, 100.0)  # only the padding slots change
+  params = state.params
+
+  def lowres_loss(targets):
+    return float(loss_fn(params, batch, (fine, targets), jax.random.key(2))[1][0]['loss_lowres'])
+
+  assert lowres_loss(moved) == pytest.approx(lowres_loss(coarse), rel=1e-6)
