@@ -150,3 +150,16 @@ def test_unknown_command_line_key_fails_before_any_work(tmp_path):
   assert proc.returncode != 0
   assert 'sgima' in proc.stderr
   assert not os.path.exists(tmp_path / 'config.json')  # nothing started
+
+
+def test_the_small_ablation_study_config_validates_for_both_datasets():
+  path = os.path.join(ROOT, 'experiments', 'ablation_small', 'config.py')
+  shapes = config_lib.load_config_file(path)
+  digits = config_lib.load_config_file(path, 'data=digits')
+  for c in (shapes, digits):
+    config_lib.validate(c)
+    assert c.mask.mode == 'official'
+  assert (shapes.data.source, shapes.model.image_size, shapes.model.patch_size) == ('shapes', 64, 8)
+  assert (digits.data.source, digits.model.image_size, digits.model.patch_size) == ('digits', 32, 4)
+  with pytest.raises(config_lib.ConfigError, match="data='cifar' is not allowed"):
+    config_lib.load_config_file(path, 'data=cifar')
