@@ -18,6 +18,16 @@ def test_scenes_are_a_function_of_seed_split_and_index():
   assert a.shape == (32, 32, 3) and a.dtype == np.uint8
 
 
+def test_train_and_held_out_splits_share_no_scene():
+  def key(split, i):
+    return tuple(np.round(shapes.scene(0, split, i)['depth'], 12))
+
+  train = {key('train', i) for i in range(1000)}
+  test = {key('test', i) for i in range(1000)}
+  assert len(train) == len(test) == 1000  # and no scene repeats inside a split
+  assert not train & test
+
+
 def test_any_resolution_renders_the_same_scene():
   small = shapes.example(0, 'train', 3, 32)[0].astype(np.float32)
   large = shapes.example(0, 'train', 3, 128)[0].astype(np.float32)
