@@ -11,6 +11,12 @@ import os
 
 import pytest
 
+from tests.subprocess_env import TEST_XLA_FLAGS
+
+# Before JAX starts in this process (test modules import it later); children inherit it.
+if TEST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {TEST_XLA_FLAGS}'.strip()
+
 TINY_RUN_STEPS = 30
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from stop_jax.eval import export
 from tests.gcs_emulator import Emulator
+from tests.subprocess_env import cpu_env
 from tests.train.test_fault_tolerance import (  # noqa: F401 (baseline is a fixture)
   RESUMED,
   STEPS,
@@ -40,12 +41,7 @@ TIMEOUT_S = 300
 
 def _env(emulator: Emulator) -> dict:
   """CPU only, no cluster variables, every gs:// layer pointed at the emulator."""
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_', 'TPU_'))
-  }
-  env.pop('XLA_FLAGS', None)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', **emulator.env())
-  return env
+  return cpu_env(**emulator.env())
 
 
 def _start(emulator, log_path, *args) -> subprocess.Popen:

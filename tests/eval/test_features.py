@@ -15,6 +15,7 @@ import pytest
 
 from stop_jax.eval import features
 from tests.eval.conftest import DEPTH, WIDTH, random_images, small_encoder
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -119,8 +120,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
 def test_sharded_extraction_equals_single_device(encoder_and_params, tmp_path):
   enc, params = encoder_and_params
   out = str(tmp_path / 'sharded.npz')
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = cpu_env(4)
   script = _SHARDED_SCRIPT.format(out=out)
   proc = subprocess.run(
     [sys.executable, '-c', script], env=env, cwd=ROOT, capture_output=True, text=True

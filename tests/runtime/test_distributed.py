@@ -9,6 +9,7 @@ import pytest
 
 from stop_jax.runtime import distributed
 from stop_jax.runtime.distributed import DistributedConfigError, InitPlan, plan_initialize
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NO_FLAGS = dict.fromkeys(distributed.FLAG_NAMES)
@@ -314,9 +315,4 @@ def test_main_turns_bad_flags_into_a_usage_error(tmp_path):
 
 def _cpu_env() -> dict:
   """One CPU device per process, no cluster variables from the machine running the tests."""
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_', 'TPU_'))
-  }
-  env.pop('XLA_FLAGS', None)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  return env
+  return cpu_env()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from stop_jax.runtime import checkpointing, distributed
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
@@ -33,15 +34,7 @@ PREEMPTED = re.compile(r'preempted: saved step (\d+) in (\S+); rerun the same')
 
 def _cpu_env(devices: int) -> dict:
   """`devices` CPU devices per process, no cluster variables from the machine running tests."""
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_', 'TPU_'))
-  }
-  env.update(
-    JAX_PLATFORMS='cpu',
-    TF_CPP_MIN_LOG_LEVEL='2',
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-  )
-  return env
+  return cpu_env(devices)
 
 
 def _free_port() -> int:

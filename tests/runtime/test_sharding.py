@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WORKER = textwrap.dedent(
   """
   import json, os, sys
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  flags = os.environ.get('XLA_FLAGS', '')  # the tests' flags (tests/subprocess_env.py), then:
+  os.environ['XLA_FLAGS'] = flags + ' --xla_force_host_platform_device_count=8'
   import jax, numpy as np
   sys.path.insert(0, 'configs')
   from stop_jax.data import batch as batch_lib

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from stop_jax.runtime import checkpointing, distributed
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 24
@@ -39,14 +40,7 @@ RESUMED = re.compile(r'resuming from checkpoint at step (\d+)')
 
 def _env(devices: int | None = None) -> dict:
   """CPU only, no cluster variables from the machine running the tests."""
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_', 'TPU_'))
-  }
-  env.pop('XLA_FLAGS', None)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  if devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
+  return cpu_env(devices)
 
 
 def _start(workdir, log_path, *extra, args=TRAIN_ARGS, devices=None) -> subprocess.Popen:

@@ -13,18 +13,14 @@ import pytest
 from stop_jax import config as config_lib
 from stop_jax.train import plan as plan_lib
 from stop_jax.train import workdir as workdir_lib
+from tests.subprocess_env import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cpu_env() -> dict:
   """One CPU device per process, no cluster variables from the machine running the tests."""
-  env = {
-    k: v for k, v in os.environ.items() if not k.startswith(('SLURM_', 'OMPI_', 'JAX_', 'TPU_'))
-  }
-  env.pop('XLA_FLAGS', None)
-  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2')
-  return env
+  return cpu_env()
 
 
 def _free_port() -> int:
