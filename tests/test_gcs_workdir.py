@@ -39,17 +39,12 @@ WORKDIR = f'gs://{BUCKET}/{RUN}'
 TIMEOUT_S = 300
 
 
-def _env(emulator: Emulator) -> dict:
-  """CPU only, no cluster variables, every gs:// layer pointed at the emulator."""
-  return cpu_env(**emulator.env())
-
-
 def _start(emulator, log_path, *args) -> subprocess.Popen:
   with open(log_path, 'w') as log:  # a file, not a pipe: a chatty child never blocks on it
     return subprocess.Popen(
       [sys.executable, *(args if args[0] == '-c' else ('-m', *args))],
       cwd=ROOT,
-      env=_env(emulator),
+      env=cpu_env(**emulator.env()),  # every gs:// layer pointed at the emulator
       stdout=log,
       stderr=subprocess.STDOUT,
     )

@@ -305,14 +305,9 @@ def test_main_turns_bad_flags_into_a_usage_error(tmp_path):
     cwd=ROOT,
     capture_output=True,
     text=True,
-    env=_cpu_env(),
+    env=cpu_env(),
     timeout=300,
   )
   assert proc.returncode != 0
   assert '--num_processes, --process_id given without --coordinator_address' in proc.stderr
   assert not os.path.exists(tmp_path / 'config.json')  # failed before training started
-
-
-def _cpu_env() -> dict:
-  """One CPU device per process, no cluster variables from the machine running the tests."""
-  return cpu_env()

@@ -32,11 +32,6 @@ TIMEOUT_S = 540
 PREEMPTED = re.compile(r'preempted: saved step (\d+) in (\S+); rerun the same')
 
 
-def _cpu_env(devices: int) -> dict:
-  """`devices` CPU devices per process, no cluster variables from the machine running tests."""
-  return cpu_env(devices)
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -48,7 +43,7 @@ def _start(workdir, log_path, args, devices: int) -> subprocess.Popen:
     return subprocess.Popen(
       [sys.executable, '-m', 'stop_jax.main', *args, f'--workdir={workdir}'],
       cwd=ROOT,
-      env=_cpu_env(devices),
+      env=cpu_env(devices),
       stdout=log,
       stderr=subprocess.STDOUT,
     )

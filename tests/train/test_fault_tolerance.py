@@ -38,17 +38,12 @@ TIMEOUT_S = 300
 RESUMED = re.compile(r'resuming from checkpoint at step (\d+)')
 
 
-def _env(devices: int | None = None) -> dict:
-  """CPU only, no cluster variables from the machine running the tests."""
-  return cpu_env(devices)
-
-
 def _start(workdir, log_path, *extra, args=TRAIN_ARGS, devices=None) -> subprocess.Popen:
   with open(log_path, 'w') as log:  # a file, not a pipe: a chatty child never blocks on it
     return subprocess.Popen(
       [sys.executable, '-m', 'stop_jax.main', *args, f'--workdir={workdir}', *extra],
       cwd=ROOT,
-      env=_env(devices),
+      env=cpu_env(devices),
       stdout=log,
       stderr=subprocess.STDOUT,
     )

@@ -18,11 +18,6 @@ from tests.subprocess_env import cpu_env
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _cpu_env() -> dict:
-  """One CPU device per process, no cluster variables from the machine running the tests."""
-  return cpu_env()
-
-
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -162,7 +157,7 @@ def test_two_processes_accept_a_shared_workdir_and_both_refuse_separate_ones(tmp
       [sys.executable, '-c', _TWO_PROCESS_CHECK, str(port), str(i)]
       + [str(tmp_path / 'shared'), str(tmp_path / f'own{i}')],
       cwd=ROOT,
-      env=_cpu_env(),
+      env=cpu_env(),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
